@@ -1,0 +1,628 @@
+"""
+The three reasoning strategies of SIKeD, the prompts built from them, and gold-teacher converters.
+
+Strategies (SPEC 1.1): chain of thought (`cot`), least-to-most (`l2m`, sub-questions answered in
+turn) and program of thought (`pot`, a Python program). A student's response starts with the
+strategy's tag (`[cot]: `, `[l2m]: `, `[pot]: `) and then the solution body; CoT and L2M bodies end
+with a line `Final Answer: <number>`, a PoT body is a program that sets `answer`.
+
+    from strategies import student_prompt, forced_prompt, parse_solution, gold_pot
+    student_prompt(question)            # the model writes the tag itself
+    forced_prompt(question, "pot")      # the tag is already written (SIKeD's per-strategy sampling)
+    parse_solution("[pot]: answer = 3") # ("pot", "answer = 3")
+
+Prompts follow the Alpaca layout of SPEC 1.2 (`### Instruction:` / `### Input:` / `### Response:`);
+all wording here is our own. The teacher prompts (`teacher_messages`) are 8-shot chat messages
+whose exemplars are GSM8K train questions (ids in TEACHER_EXEMPLAR_IDS, never to be evaluated on);
+their CoT and PoT solutions come from the gold converters below, their L2M solutions were written
+for this project (GSM8K's train_socratic file is not available here).
+
+Gold converters turn a GSM8K rationale (its `answer` field: lines with calculator annotations
+`<<48/2=24>>`, ending `#### 72`) into solution bodies:
+- `gold_cot`: the rationale without annotations, then `Final Answer: <gold>`.
+- `gold_pot`: a program compiled from the annotations (and, where a step has none, from the
+  arithmetic written in the text): one named variable per step, later steps refer to earlier
+  results by name instead of repeating them as literals, and `answer = <variable>`. The program
+  must compute the gold answer; one that would have to state the gold number as a literal it did
+  not derive is not a conversion (`gold_pot_explain` says why a rationale was left out).
+- `gold_l2m`: from a socratic rationale (`Sub-question? ** step` lines), `Sub-question k:` /
+  `Answer to Sub-question k:` lines, then `Final Answer:`.
+
+Departure from [R] (SPEC 1.2): the single-strategy baselines' instruction names the strategy and
+its answer format instead of only asking to solve the problem.
+"""
+
+import ast
+import keyword
+import math
+import re
+from dataclasses import dataclass
+from functools import cache
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str  # "cot", "l2m" or "pot"
+    tag: str  # what a multi-strategy response starts with (SPEC 1.2)
+    instruction: str  # one line, used for single-strategy prompts
+    layout: str  # how a solution is laid out and how its final answer is marked
+
+
+STRATEGIES = {
+    "cot": Strategy(
+        name="cot",
+        tag="[cot]: ",
+        instruction="Solve the math word problem by reasoning through it one step at a time.",
+        layout=(
+            "Plain sentences, one calculation per line, each showing its arithmetic. The last "
+            "line is `Final Answer: <number>`."
+        ),
+    ),
+    "l2m": Strategy(
+        name="l2m",
+        tag="[l2m]: ",
+        instruction=(
+            "Solve the math word problem by splitting it into smaller sub-questions and "
+            "answering them in order."
+        ),
+        layout=(
+            "Pairs of lines `Sub-question k: <question>` and `Answer to Sub-question k: "
+            "<answer with its arithmetic>`, k = 1, 2, ..., the last sub-question being the "
+            "problem's own question. The last line is `Final Answer: <number>`."
+        ),
+    ),
+    "pot": Strategy(
+        name="pot",
+        tag="[pot]: ",
+        instruction="Solve the math word problem by writing a Python program that computes it.",
+        layout=(
+            "A Python program, one named variable per quantity, computing the result from the "
+            "numbers in the problem and storing it in a variable named `answer`. It may import "
+            "math, fractions, decimal, datetime, itertools, functools and statistics."
+        ),
+    ),
+}
+
+# Student sampling stops at the start of another Alpaca section (SPEC 1.4.1 stops at "Input").
+STOP = ("### Input", "### Instruction", "### Response")
+
+_PREAMBLE = (
+    "Read the instruction and the input that goes with it, then write a response that does "
+    "what the instruction asks."
+)
+_MULTI_INSTRUCTION = (
+    "Solve the math word problem. Begin your response with the tag of the strategy you choose: "
+    "[cot] to reason step by step, [l2m] to split it into sub-questions, or [pot] to write a "
+    "Python program; then solve it that way."
+)
+
+
+def _strategy(strategy: str) -> Strategy:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}")
+    return STRATEGIES[strategy]
+
+
+def _alpaca(instruction: str, question: str) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question must be a non-empty str, got {question!r}")
+    return (
+        f"{_PREAMBLE}\n\n### Instruction:\n{instruction}\n\n"
+        f"### Input:\n{question.strip()}\n\n### Response:\n"
+    )
+
+
+def student_prompt(question: str) -> str:
+    """The multi-strategy prompt (Combined and SIKeD students): the model writes the tag."""
+    return _alpaca(_MULTI_INSTRUCTION, question)
+
+
+def forced_prompt(question: str, strategy: str) -> str:
+    """The multi-strategy prompt with the strategy's tag already written."""
+    return student_prompt(question) + _strategy(strategy).tag
+
+
+def single_prompt(question: str, strategy: str) -> str:
+    """The prompt of a single-strategy baseline: no tag, the response is the bare solution."""
+    return _alpaca(_strategy(strategy).instruction, question)
+
+
+def format_target(strategy: str, body: str) -> str:
+    """A tagged response: tag + body."""
+    return _strategy(strategy).tag + body
+
+
+_TAG_RE = re.compile(r"\s*\[\s*(cot|l2m|pot)\s*\]\s*:\s?", re.I)
+
+
+def parse_solution(text: str) -> tuple[str | None, str]:
+    """(strategy, body) of a tagged response; (None, text) when it has no known tag.
+
+    Inverse of format_target. The strategy is the bracketed name before the first `:` (SPEC 1.2);
+    case and spaces around the tag are forgiven.
+    """
+    m = _TAG_RE.match(text)
+    if m is None:
+        return None, text
+    return m.group(1).lower(), text[m.end() :]
+
+
+def training_example(question: str, strategy: str, body: str, tagged: bool = True):
+    """(prompt, response) for SFT; the trainer appends EOS. tagged=False: a baseline example."""
+    if tagged:
+        return student_prompt(question), format_target(strategy, body)
+    return single_prompt(question, strategy), body
+
+
+# -----------------------------------------------------------------------------
+# gold converters
+
+_ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
+_GOLD_RE = re.compile(r"####\s*(\S+)")
+_PLAIN_NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+_TEXT_NUM = r"\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?|\$?\.\d+%?"
+_TEXT_OP = r"[-+*/x×÷–−]"
+_UNIT = r"(?:\s?(?!x\b)[a-zA-Z]+){0,2}"  # `600 points + 250 points`, `8km / 4hrs`
+_OPERAND = rf"(?:\(\s*)*(?:{_TEXT_NUM}){_UNIT}\s*\)*"
+_JOIN = rf"(?:\s*{_TEXT_OP}\s*|\s*(?=\())"  # an operator, or `14(2)`: a product
+# `3 x $4 + 2 = 14`: two or more numbers joined by operators, then `=` and a number.
+_EQUATION_RE = re.compile(
+    rf"(?<![\w.$])({_OPERAND}(?:{_JOIN}{_OPERAND})+)\s*=\s*\$?\s?"
+    rf"(-?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?)(?![\d/])"
+)
+_EXPR_TAIL_RE = re.compile(rf"({_OPERAND}(?:{_JOIN}{_OPERAND})+)\s*=\s*\$?\s?$")
+
+_STOPWORDS = frozenset(
+    """a an the to of in on at for and or is are was were be been being he she it they them
+    his her hers its their theirs we us our you your i me my that this these those with from by
+    each will would can could has have had do does did so then if than as there here which who
+    what when where how all also after before into out up down over only just still total
+    altogether together now per more less""".split()
+)
+_RESERVED = frozenset(
+    dir(__builtins__) if isinstance(__builtins__, dict) else dir(__import__("builtins"))
+) | {"answer", "math", "solution"}
+
+
+def _gold_text(rationale: str) -> str | None:
+    m = _GOLD_RE.search(rationale)
+    return m.group(1).replace(",", "").replace("$", "") if m else None
+
+
+def _format_number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _gold(rationale: str, answer: float | None) -> tuple[float | None, str | None]:
+    """The gold number and how to write it: from `#### N`, else from `answer`."""
+    text = _gold_text(rationale)
+    if text is not None:
+        try:
+            return float(text), text
+        except ValueError:
+            return None, None
+    if answer is not None:
+        return float(answer), _format_number(answer)
+    return None, None
+
+
+def _body_lines(rationale: str) -> list[str]:
+    return [line for line in rationale.strip().split("\n") if not line.startswith("####")]
+
+
+def gold_cot(rationale: str, answer: float | None = None) -> str | None:
+    """CoT body from a GSM8K rationale: annotations removed, then `Final Answer: <gold>`.
+
+    The gold number is read from `#### N`; `answer` is used when the rationale has no such line.
+    """
+    _, gold = _gold(rationale, answer)
+    if gold is None:
+        return None
+    lines = [_ANNOTATION_RE.sub("", line).rstrip() for line in _body_lines(rationale)]
+    return "\n".join([line for line in lines if line] + [f"Final Answer: {gold}"])
+
+
+def gold_l2m(socratic_rationale: str, answer: float | None = None) -> str | None:
+    """L2M body from a GSM8K socratic rationale (`Sub-question? ** step` lines)."""
+    _, gold = _gold(socratic_rationale, answer)
+    lines = _body_lines(socratic_rationale)
+    if gold is None or not lines or any(" ** " not in line for line in lines):
+        return None
+    out = []
+    for k, line in enumerate(lines, 1):
+        question, step = line.split(" ** ", 1)
+        out.append(f"Sub-question {k}: {question.strip()}")
+        out.append(f"Answer to Sub-question {k}: {_ANNOTATION_RE.sub('', step).strip()}")
+    return "\n".join(out + [f"Final Answer: {gold}"])
+
+
+@dataclass
+class _Step:
+    name: str
+    expr: ast.expr  # operands already replaced by earlier steps' names
+    value: float
+    needs_math: bool = False
+
+
+def _literal(token: str) -> str:
+    """A canonical Python literal of a number token: `08` -> `8`, `.5` -> `0.5`."""
+    return str(int(token)) if re.fullmatch(r"\d+", token) else repr(float(token))
+
+
+_BINOPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.FloorDiv: lambda a, b: a // b,
+    ast.Pow: lambda a, b: a**b if abs(b) <= 64 else math.inf,
+}
+
+
+def _parse_arithmetic(text: str, percent: str) -> ast.expr | None:
+    """An arithmetic expression written in text (`$1,200 x 3`, `20% * 50`) as a Python AST."""
+    text = text.replace("$", "").replace(",", "")
+    text = re.sub(r"(?<=[\d)\s])[x×](?=[\s\d(.$])", "*", text)
+    text = re.sub(r"[a-zA-Z]+", " ", text)  # units
+    text = text.replace("÷", "/").replace("–", "-").replace("−", "-")
+    text = re.sub(r"(\d*\.?\d+)%", r"(\1" + percent + ")", text)
+    text = re.sub(r"(?<=[\d)])\s*\(", "*(", text)  # 14(2) and (1/4)(160) are products
+    if not re.fullmatch(r"[\d.+\-*/() ]+", text):
+        return None
+    text = re.sub(r"\d*\.?\d+", lambda m: _literal(m.group()), text)
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        return None
+    ok = (ast.BinOp, ast.UnaryOp, ast.Constant, ast.USub, ast.UAdd, *_BINOPS)
+    if not all(isinstance(n, ok) for n in ast.walk(tree)):
+        return None
+    if not any(isinstance(n, ast.BinOp) for n in ast.walk(tree)):
+        return None  # `<<27=27>>` states a number, it does not compute one
+    return tree
+
+
+def _evaluate(node: ast.expr, env: dict[str, float]) -> float:
+    """Value of a converted expression, with Python's own arithmetic (as the program will run)."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        return env[node.id]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _evaluate(node.operand, env)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        return _BINOPS[type(node.op)](_evaluate(node.left, env), _evaluate(node.right, env))
+    if isinstance(node, ast.Call):  # round(x, k), int(x), math.ceil(x) that we added
+        v = _evaluate(node.args[0], env)
+        fn = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+        if fn == "round":
+            return round(v, node.args[1].value) if len(node.args) > 1 else round(v)
+        return int(v) if fn == "int" else math.ceil(v)
+    raise ValueError(f"unexpected node {ast.dump(node)}")
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def _is_gold(value: float, gold: float) -> bool:
+    return math.isclose(value, gold, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.findall(r"[a-z]+", text.lower()) if w not in _STOPWORDS and len(w) > 1]
+
+
+def _name_for(line: str, start: int, end: int, taken: set[str]) -> str:
+    """A variable name from the words around a step: what follows its result (`24 clips in
+    May` -> clips_may), else the clause before its arithmetic (`the base fine: 90 + 50`)."""
+    after = _ANNOTATION_RE.sub("", line[end:])
+    after = re.sub(r"^\s*\$?\s?[\d,]*\.?\d*%?", "", after)  # the result as the text writes it
+    words = _words(re.split(r"[.,;:!?()\n]", after + ".", maxsplit=1)[0])[:3]
+    if not words:
+        before = _ANNOTATION_RE.sub("", line[:start])
+        tail = _EXPR_TAIL_RE.search(before) or re.search(r"[\d\s$.,+\-*/x×()=%]*$", before)
+        words = _words(re.split(r"[.;!?]", before[: tail.start()])[-1])[-2:]
+    base = "_".join(words) or "step"
+    if keyword.iskeyword(base) or base in _RESERVED:
+        base = f"{base}_value"
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def _raw_steps(rationale: str):
+    """(line, start, end, expression text, stated result, is_annotation) for every step."""
+    for line in _body_lines(rationale):
+        annotations = list(_ANNOTATION_RE.finditer(line))
+        for m in annotations:
+            if "=" not in m.group(1):
+                continue
+            expr, result = m.group(1).rsplit("=", 1)
+            if not re.search(r"\d\s*[-+*/]", expr):
+                # `287 x 4 = <<1148=1148>>`: the arithmetic is in the text before the annotation
+                tail = _EXPR_TAIL_RE.search(_ANNOTATION_RE.sub("", line[: m.start()]))
+                expr = tail.group(1) if tail else expr
+            yield line, m.start(), m.end(), expr, result, True
+        if not annotations:  # a step written without an annotation: parse the text itself
+            for m in _EQUATION_RE.finditer(line):
+                yield line, m.start(), m.end(), m.group(1), m.group(2), False
+
+
+def gold_pot_explain(
+    rationale: str, question: str | None = None, answer: float | None = None
+) -> tuple[str | None, str]:
+    """(program, "ok") or (None, why): see gold_pot. The reasons, for the README's counts:
+
+    no_gold: no `#### N` line and no `answer`; no_steps: nothing to compute from;
+    gold_not_reached: no step computes the gold number; gold_literal: a literal equal to the gold
+    number that the question does not give passes unchanged into `answer` (nudging the literal
+    moves the answer by as much).
+    """
+    gold, _ = _gold(rationale, answer)
+    if gold is None:
+        return None, "no_gold"
+    given = set()  # numbers the question states: a literal with such a value stays a literal
+    if question is not None:
+        given = {float(n.replace(",", "")) for n in _PLAIN_NUMBER_RE.findall(question)}
+    steps: list[_Step] = []
+    taken: set[str] = set()
+    env: dict[str, float] = {}
+    for line, start, end, expr_text, result_text, annotated in _raw_steps(rationale):
+        try:
+            stated = float(result_text.replace(",", ""))
+        except ValueError:
+            continue
+        for percent in ("/ 100", ""):
+            expr = _parse_arithmetic(expr_text, percent)
+            if expr is None:
+                continue
+            for node in ast.walk(expr):  # refer to earlier results by name (the latest one)
+                for field, child in ast.iter_fields(node):
+                    if isinstance(child, ast.Constant) and child.value not in given:
+                        match = [s for s in steps if _close(s.value, child.value)]
+                        if match:
+                            setattr(node, field, ast.Name(match[-1].name, ast.Load()))
+            try:
+                value = _evaluate(expr, env)
+            except (ZeroDivisionError, OverflowError):
+                expr = None
+                continue
+            if _close(value, stated) or annotated:
+                break
+            expr = None  # a text equation that does not add up was misread: try again, or skip
+        if expr is None:
+            continue
+        needs_math = False
+        if not _close(value, stated):  # the rationale rounded this result: so does the program
+            digits = len(result_text.split(".")[1]) if "." in result_text else 0
+            wrapped = [
+                ("round", [expr] + ([ast.Constant(digits)] if digits else [])),
+                ("int", [expr]),
+                ("ceil", [expr]),
+            ]
+            for fn, args in wrapped:
+                func = ast.Attribute(ast.Name("math", ast.Load()), "ceil", ast.Load())
+                call = ast.Call(func if fn == "ceil" else ast.Name(fn, ast.Load()), args, [])
+                if _close(_evaluate(call, env), stated):
+                    expr, value, needs_math = call, _evaluate(call, env), fn == "ceil"
+                    break
+        step = _Step(_name_for(line, start, end, taken), expr, value, needs_math)
+        env[step.name] = value
+        steps.append(step)
+    if not steps:
+        return None, "no_steps"
+    final = [s for s in steps if _is_gold(s.value, gold)]
+    if not final:
+        return None, "gold_not_reached"
+    # keep the steps the answer depends on
+    by_name = {s.name: s for s in steps}
+    needed, todo = set(), [final[-1].name]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += [n.id for n in ast.walk(by_name[name].expr) if isinstance(n, ast.Name)]
+            todo = [n for n in todo if n in by_name]
+    kept = [s for s in steps if s.name in needed]
+    # The program must compute the answer: a literal equal to the gold number that the question
+    # does not give must not reach `answer` unchanged (`<<30*1=30>>`). Nudge each such literal
+    # and re-evaluate: if the answer moves with it one for one, the program copied the answer.
+    for s in kept:
+        nodes = list(ast.walk(s.expr))
+        digits = {id(n.args[1]) for n in nodes if isinstance(n, ast.Call) and len(n.args) == 2}
+        for node in nodes:
+            if not isinstance(node, ast.Constant) or id(node) in digits:
+                continue
+            if _is_gold(node.value, gold) and node.value not in given:
+                node.value, original = gold + 1.375, node.value
+                try:
+                    nudged = {}
+                    for k in kept:
+                        nudged[k.name] = _evaluate(k.expr, nudged)
+                except (ZeroDivisionError, OverflowError, ValueError):
+                    nudged = {}
+                node.value = original
+                if nudged and _close(nudged[final[-1].name], gold + 1.375):
+                    return None, "gold_literal"
+    lines = ["import math"] if any(s.needs_math for s in kept) else []
+    lines += [f"{s.name} = {ast.unparse(s.expr)}" for s in kept]
+    lines.append(f"answer = {final[-1].name}")
+    return "\n".join(lines), "ok"
+
+
+def gold_pot(
+    rationale: str, question: str | None = None, answer: float | None = None
+) -> str | None:
+    """PoT body compiled from a GSM8K rationale, or None when it cannot be done honestly.
+
+    Pass the question where you have it: numbers the question states stay literals (they are
+    not matched to earlier results), and a literal equal to the gold number may pass straight
+    into `answer` only if the question states it; without the question, never.
+    """
+    return gold_pot_explain(rationale, question, answer)[0]
+
+
+# -----------------------------------------------------------------------------
+# teacher prompts
+
+# GSM8K train rows (question and rationale as published, MIT license) used as 8-shot exemplars;
+# each with an L2M solution written for this project.
+_EXEMPLARS = (
+    {
+        "id": "gsm8k-train-1235",
+        "question": "Penny has $20. Penny buys 4 pairs of socks for $2 a pair and a hat for $7. "
+        "How much money does Penny have left?",
+        "rationale": "Penny buys 4 pairs of socks for $2 x 4 = $<<4*2=8>>8.\n"
+        "In total, Penny spent $8 + $7 = $<<8+7=15>>15 on 4 pairs of socks and a hat.\n"
+        "Penny has $20 -$15 = $<<20-15=5>>5 left after buying 4 pairs of socks and a hat.\n#### 5",
+        "l2m": "Sub-question 1: How much do the 4 pairs of socks cost?\n"
+        "Answer to Sub-question 1: A pair costs $2, so the socks cost 4 * 2 = $8.\n"
+        "Sub-question 2: How much does Penny spend altogether?\n"
+        "Answer to Sub-question 2: The socks and the hat cost 8 + 7 = $15.\n"
+        "Sub-question 3: How much money does Penny have left?\n"
+        "Answer to Sub-question 3: She started with $20, so 20 - 15 = $5 is left.\n"
+        "Final Answer: 5",
+    },
+    {
+        "id": "gsm8k-train-6727",
+        "question": "Martha's cat catches 3 rats and 7 birds. Cara's cat catches 3 less than five "
+        "times as many animals as Martha's cat. How many animals does Cara's cat catch?",
+        "rationale": "First find the total number of animals Martha's cat catches: 3 rats + 7 "
+        "birds = <<3+7=10>>10 animals\nThen multiply that number by 5: 10 animals * 5 = "
+        "<<10*5=50>>50 animals\nThen subtract 3 to find the total number of animals Cara's cat "
+        "catches: 50 animals - 3 animals = <<50-3=47>>47 animals\n#### 47",
+        "l2m": "Sub-question 1: How many animals does Martha's cat catch?\n"
+        "Answer to Sub-question 1: It catches 3 + 7 = 10 animals.\n"
+        "Sub-question 2: What is five times that many?\n"
+        "Answer to Sub-question 2: Five times 10 is 5 * 10 = 50 animals.\n"
+        "Sub-question 3: How many animals does Cara's cat catch?\n"
+        "Answer to Sub-question 3: Three fewer than 50, so 50 - 3 = 47 animals.\n"
+        "Final Answer: 47",
+    },
+    {
+        "id": "gsm8k-train-771",
+        "question": "Jimmy decides to make sandwiches for a picnic.  He makes 8 sandwiches in "
+        "total, using two slices of bread each.  How many packs of bread does he need to buy to "
+        "make these sandwiches, assuming he starts with no bread and each pack has 4 slices of "
+        "bread in it?",
+        "rationale": "First, we need to determine how many slices of bread Jimmy will use to make "
+        "the sandwiches. We determine this by performing 8*2=<<8*2=16>>16 slices of bread needed."
+        "\nWe then divide the number of slices needed by the number of slices per bread pack, "
+        "performing 16/4=<<16/4=4>>4 packs of bread needed.\n#### 4",
+        "l2m": "Sub-question 1: How many slices of bread do the 8 sandwiches take?\n"
+        "Answer to Sub-question 1: Each takes 2 slices, so 8 * 2 = 16 slices.\n"
+        "Sub-question 2: How many packs of bread does Jimmy need to buy?\n"
+        "Answer to Sub-question 2: A pack holds 4 slices, so 16 / 4 = 4 packs.\n"
+        "Final Answer: 4",
+    },
+    {
+        "id": "gsm8k-train-475",
+        "question": "Maggie picked 40 apples. Kelsey picked 28 apples. Layla picked some apples, "
+        "too. The three averaged 30 apples picked. How many did Layla pick?",
+        "rationale": "Together, they picked 30*3=<<30*3=90>>90.\nThere are 40+28=<<40+28=68>>68 "
+        "accounted for.\nThen Layla picked 90-68=<<90-68=22>>22.\n#### 22",
+        "l2m": "Sub-question 1: How many apples did the three pick in all?\n"
+        "Answer to Sub-question 1: Three people averaging 30 apples picked 30 * 3 = 90 apples.\n"
+        "Sub-question 2: How many apples did Maggie and Kelsey pick together?\n"
+        "Answer to Sub-question 2: They picked 40 + 28 = 68 apples.\n"
+        "Sub-question 3: How many apples did Layla pick?\n"
+        "Answer to Sub-question 3: The rest of the 90: 90 - 68 = 22 apples.\n"
+        "Final Answer: 22",
+    },
+    {
+        "id": "gsm8k-train-3425",
+        "question": "The population of Mojave was 4000 a decade ago. If the town's population has "
+        "increased three times, and the population analysis firm predicts that it will increase "
+        "by 40% after five years, how many people will be in Mojave in five years?",
+        "rationale": "Since the population of Mojave has increased three times the number it was a "
+        "decade ago, there are 3*4000 = <<3*4000=12000>>12000 people in Mojave now.\nIt's "
+        "predicted that the population will increase by 40/100*12000 = <<40/100*12000=4800>>4800 "
+        "people after five years.\nThis means there will be 12000+4800 = <<12000+4800=16800>>16800"
+        " people living in Mojave in five years.\n#### 16800",
+        "l2m": "Sub-question 1: How many people live in Mojave now?\n"
+        "Answer to Sub-question 1: Three times 4000, so 3 * 4000 = 12000 people.\n"
+        "Sub-question 2: By how many people will the town grow in five years?\n"
+        "Answer to Sub-question 2: 40% of 12000 is 40 / 100 * 12000 = 4800 people.\n"
+        "Sub-question 3: How many people will be in Mojave in five years?\n"
+        "Answer to Sub-question 3: 12000 + 4800 = 16800 people.\n"
+        "Final Answer: 16800",
+    },
+    {
+        "id": "gsm8k-train-4514",
+        "question": "Betty ordered 18 items in an online shop via cash on delivery. She ordered 6 "
+        "pieces of slippers that cost $2.5 each, 4 pieces of lipstick for $1.25 each, and 8 pieces "
+        "of hair color for $3 each. How much did Betty pay in total when it was delivered?",
+        "rationale": "Betty paid 6 x $2.5 = $<<6*2.5=15>>15 for the slippers.\nShe paid 4 x $1.25 "
+        "= $<<4*1.25=5>>5 for the lipsticks.\nShe paid 8 x $3 = $<<8*3=24>>24 for the hair color."
+        "\nTherefore, Betty paid $15 + $5 + $24 = $<<15+5+24=44>>44 in total.\n#### 44",
+        "l2m": "Sub-question 1: How much did the slippers cost?\n"
+        "Answer to Sub-question 1: 6 pieces at $2.5 cost 6 * 2.5 = $15.\n"
+        "Sub-question 2: How much did the lipsticks cost?\n"
+        "Answer to Sub-question 2: 4 pieces at $1.25 cost 4 * 1.25 = $5.\n"
+        "Sub-question 3: How much did the hair color cost?\n"
+        "Answer to Sub-question 3: 8 pieces at $3 cost 8 * 3 = $24.\n"
+        "Sub-question 4: How much did Betty pay in total?\n"
+        "Answer to Sub-question 4: 15 + 5 + 24 = $44.\n"
+        "Final Answer: 44",
+    },
+    {
+        "id": "gsm8k-train-307",
+        "question": "There are 110 calories in a serving of cheese.  Rick buys the large blocks "
+        "that have 16 servings per block.  If Rick has already eaten 5 servings of cheese, how "
+        "many calories are remaining in the block?",
+        "rationale": "The block has 16 servings and he has eaten 5 servings leaving 16-5 = "
+        "<<16-5=11>>11 servings of cheese\nThere are 11 servings of cheese left and each serving "
+        "is 110 calories for a total of 11*110 = <<11*110=1210>>1,210 calories\n#### 1210",
+        "l2m": "Sub-question 1: How many servings are left in the block?\n"
+        "Answer to Sub-question 1: 16 - 5 = 11 servings.\n"
+        "Sub-question 2: How many calories are remaining in the block?\n"
+        "Answer to Sub-question 2: Each serving has 110 calories, so 11 * 110 = 1210 calories.\n"
+        "Final Answer: 1210",
+    },
+    {
+        "id": "gsm8k-train-1014",
+        "question": "Hazel walked 2 kilometers in the first hour. If she walked twice as far in "
+        "the second hour, how far did she walk for 2 hours?",
+        "rationale": "Hazel walked 2 x 2 = <<2*2=4>>4 kilometers in the second hour.\nSo, she "
+        "walked 2 + 4 = <<2+4=6>>6 kilometers for 2 hours.\n#### 6",
+        "l2m": "Sub-question 1: How far did Hazel walk in the second hour?\n"
+        "Answer to Sub-question 1: Twice 2 kilometers: 2 * 2 = 4 kilometers.\n"
+        "Sub-question 2: How far did she walk in the 2 hours?\n"
+        "Answer to Sub-question 2: 2 + 4 = 6 kilometers.\n"
+        "Final Answer: 6",
+    },
+)
+TEACHER_EXEMPLAR_IDS = [e["id"] for e in _EXEMPLARS]
+
+_TEACHER_SYSTEM = (
+    "You solve grade-school math word problems. {instruction} Layout: {layout} Follow the "
+    "layout of the worked examples exactly and write nothing after the solution."
+)
+
+
+@cache
+def _exemplar_bodies(strategy: str) -> tuple[str, ...]:
+    if strategy == "l2m":
+        return tuple(e["l2m"] for e in _EXEMPLARS)
+    convert = gold_cot if strategy == "cot" else gold_pot
+    bodies = tuple(convert(e["rationale"]) for e in _EXEMPLARS)
+    assert all(bodies), f"an exemplar does not convert to {strategy}"
+    return bodies
+
+
+def teacher_messages(question: str, strategy: str) -> list[dict]:
+    """8-shot chat messages asking an LLM teacher for one solution body (no tag) to `question`."""
+    s = _strategy(strategy)
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question must be a non-empty str, got {question!r}")
+    system = _TEACHER_SYSTEM.format(instruction=s.instruction, layout=s.layout)
+    messages = [{"role": "system", "content": system}]
+    for e, body in zip(_EXEMPLARS, _exemplar_bodies(strategy), strict=True):
+        messages.append({"role": "user", "content": e["question"]})
+        messages.append({"role": "assistant", "content": body})
+    messages.append({"role": "user", "content": question.strip()})
+    return messages
