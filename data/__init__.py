@@ -1,0 +1,1 @@
+"""siked's data: the four datasets (data/prepare.py) and the teacher stage (data/teacher.py)."""

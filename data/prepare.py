@@ -1,0 +1,485 @@
+"""The four datasets of SIKeD, normalised to one JSONL per split.
+
+    python data/prepare.py --from ../shared/data   # a local folder laid out like ../shared/data
+    python data/prepare.py                         # download the canonical URLs (sha256-checked)
+
+and from Python (siked.py): `from data import prepare; rows = prepare.load("gsm8k", "train")`, which
+prepares the dataset on first use. The source folder is `--from DIR`, else the `SIKED_DATA`
+environment variable, else the canonical URLs below, downloaded with urllib into data/raw/. Every
+raw file is checked against its sha256 (../shared/data/README.md). Output: data/<name>/<split>.jsonl
+(gitignored), one row a line:
+
+    {"id": str, "question": str, "answer": float, "rationale"?: str, "socratic"?: str,
+     "equation"?: str}
+
+Datasets and splits (SPEC.md section 3, and [R] = the authors' code, inference_all_chk_all_data.py):
+- gsm8k train (7473) / test (1319): id "gsm8k-<split>-<row index>"; answer = the text after `####`
+  with `,` and `$` removed; rationale = the text before `####`. The socratic files (sub-question
+  rationales, for the gold L2M teacher) are optional: where `gsm8k/<split>_socratic.jsonl` exists,
+  its rationale lands in the rows' "socratic" field; where it does not (train_socratic is not in
+  ../shared/data) this says so once and carries on without. The train_socratic file has no
+  published sha256: it is checked row by row against train.jsonl instead (same questions, same
+  answers).
+- svamp test (1000): id "svamp-<ID>"; question = Body + " " + Question exactly as [R] joins them
+  (whitespace trimmed, no period added where a Body ends mid-sentence).
+- asdiv test: id "asdiv-<ID>"; question = Body + " " + Question; the answer drops its unit in
+  parentheses ("9 (apples)" -> 9.0) and may be a fraction ("5/2", "-(1/3)"). Where the answer text
+  is not a number, the result after the last `=` of Formula is taken only when it equals the one
+  number in the answer text ("6th", "February 3rd"): [R]'s unconditional fallback turns "They are
+  equal" into 0.833 and "Vendor 2" into 10.66. Everything else (names, yes/no, ratios "2:3", clock
+  times, several answers "9; 11") is skipped and counted in a summary line: 2096 of 2305 kept
+  (2084 plain numbers, 9 fractions, 3 from Formula), 209 skipped.
+- multiarith test (600): id "multiarith-<iIndex>"; question = sQuestion, answer = lSolutions[0]. All
+  600 rows: the paper's 180-question split (HF ChilleD/MultiArith) is not reproducible here.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+DATA_DIR = Path(__file__).resolve().parent  # data/<name>/<split>.jsonl; raw downloads in data/raw/
+
+
+@dataclass(frozen=True)
+class Remote:
+    url: str
+    sha256: str | None  # None: no published checksum (checked by content instead)
+    optional: bool = False
+
+
+_GSM8K = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"
+FILES: dict[str, Remote] = {
+    "gsm8k/train.jsonl": Remote(
+        _GSM8K + "train.jsonl", "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"
+    ),
+    "gsm8k/test.jsonl": Remote(
+        _GSM8K + "test.jsonl", "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"
+    ),
+    "gsm8k/train_socratic.jsonl": Remote(_GSM8K + "train_socratic.jsonl", None, optional=True),
+    "gsm8k/test_socratic.jsonl": Remote(
+        _GSM8K + "test_socratic.jsonl",
+        "c96673362fa7a699f4836a9b6474a067448f95fe58064727501ee63ba4c3fdb6",
+        optional=True,
+    ),
+    "svamp/SVAMP.json": Remote(
+        "https://raw.githubusercontent.com/arkilpatel/SVAMP/main/SVAMP.json",
+        "5be77703a6d891ae476d7c082787ad361392aa02453b132516cdd5f4e7934e3e",
+    ),
+    "asdiv/ASDiv.xml": Remote(
+        "https://raw.githubusercontent.com/chaochun/nlu-asdiv-dataset/master/dataset/ASDiv.xml",
+        "ef8904068482919ac48c8eeaaf6df344b8a308ba66d048c2d4d87eab82dc4929",
+    ),
+    "multiarith/MultiArith.json": Remote(
+        "https://raw.githubusercontent.com/kojima-tk/zero_shot_cot/main/dataset/MultiArith/MultiArith.json",
+        "394590692df77f8fbbfeb11aaa66b206bb70fb30a219a001dcf4032cb7a6d9aa",
+    ),
+}
+SPLITS: dict[str, tuple[str, ...]] = {
+    "gsm8k": ("train", "test"),
+    "svamp": ("test",),
+    "asdiv": ("test",),
+    "multiarith": ("test",),
+}
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_FRACTION = re.compile(r"(-?)\(?(\d+)/(\d+)\)?")  # 5/2, -(1/3)
+_ASDIV_ANSWER = re.compile(r"(?P<value>-\(\d+/\d+\)|[^()]+?)\s*(?:\((?P<unit>[^()]*)\))?")
+_PARENS = re.compile(r"\s*\([^()]*\)")
+_noted: set[str] = set()  # messages already printed by note()
+
+
+def note(message: str) -> None:
+    """Print a message once per process (a missing optional file is mentioned once)."""
+    if message not in _noted:
+        _noted.add(message)
+        print(message, flush=True)
+
+
+def parse_number(text: str) -> float | None:
+    """'1,080' -> 1080.0, '$5' -> 5.0, '-7' -> -7.0, '0.46', '5/2' -> 2.5, '-(1/3)' -> -1/3."""
+    s = text.replace(",", "").replace("$", "").strip()
+    if _NUMBER.fullmatch(s):
+        return float(s)
+    m = _FRACTION.fullmatch(s)
+    if m and int(m.group(3)) != 0:
+        sign = -1.0 if m.group(1) else 1.0
+        return sign * int(m.group(2)) / int(m.group(3))
+    return None
+
+
+# ---------------------------------------------------------------------------------------- raw files
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_sha256(path: Path, rel: str) -> None:
+    want = FILES[rel].sha256
+    if want is None:
+        return
+    got = sha256_file(path)
+    if got != want:
+        raise ValueError(
+            f"{path}: sha256 {got} does not match the expected {want} for {rel} "
+            "(a corrupted or different copy)"
+        )
+
+
+class DownloadError(ValueError):
+    def __init__(self, url: str, reason: str):
+        super().__init__(
+            f"{url}: cannot download ({reason}); pass --from DIR or set SIKED_DATA to a local copy"
+        )
+        self.reason = reason
+
+
+def download(url: str, dest: Path, progress: bool = True, timeout_s: float = 60.0) -> None:
+    """Stream url into dest atomically (a temporary file beside it, renamed when complete)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+            ) as bar:
+                for block in iter(lambda: resp.read(1 << 16), b""):
+                    f.write(block)
+                    bar.update(len(block))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, urllib.error.HTTPError):
+            reason = f"HTTP {e.code} {e.reason}"
+        else:
+            reason = str(getattr(e, "reason", None) or e)
+        raise DownloadError(url, reason) from None
+
+
+def source_dir(source: str | Path | None = None) -> Path | None:
+    """The local source folder: the argument, else $SIKED_DATA, else None (download)."""
+    source = source or os.environ.get("SIKED_DATA")
+    return Path(source).expanduser() if source else None
+
+
+def fetch(
+    rel: str, source: str | Path | None = None, raw_dir: Path | None = None, progress: bool = True
+) -> Path | None:
+    """The checked local path of a raw file (rel as in FILES); None for a missing optional file."""
+    remote = FILES[rel]
+    src = source_dir(source)
+    if src is not None:
+        path = src / rel
+        if not path.is_file():
+            if remote.optional:
+                note(f"prepare: {path} is missing: carrying on without it")
+                return None
+            raise ValueError(
+                f"{path}: missing (expected {rel}, as listed in data/prepare.py FILES)"
+            )
+    else:
+        path = (raw_dir or DATA_DIR / "raw") / rel
+        if not path.is_file():
+            try:
+                download(remote.url, path, progress=progress)
+            except DownloadError as e:
+                if not remote.optional:
+                    raise
+                note(f"prepare: {rel} is not available ({e.reason}): carrying on without it")
+                return None
+    check_sha256(path, rel)
+    return path
+
+
+# ----------------------------------------------------------------------------------------- parsers
+
+
+def _json_items(path: Path) -> list[tuple[int, object]]:
+    """The items of a JSON list file with the line each starts on (for one-line errors)."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}:1: expected a JSON list of problems, got {type(data).__name__}")
+    decoder, skip = json.JSONDecoder(), re.compile(r"[\s,]*")
+    pos = text.index("[") + 1
+    line, lines = 1 + text.count("\n", 0, pos), []
+    for _ in data:
+        start = skip.match(text, pos).end()
+        line += text.count("\n", pos, start)
+        lines.append(line)
+        _, pos = decoder.raw_decode(text, start)
+        line += text.count("\n", start, pos)
+    return list(zip(lines, data, strict=True))
+
+
+def _field(path: Path, line: int, item: object, key: str, kind: type | tuple) -> object:
+    if not isinstance(item, dict) or not isinstance(item.get(key), kind):
+        raise ValueError(
+            f"{path}:{line}: expected a problem with a {key!r} field, got {item!r:.80}"
+        )
+    return item[key]
+
+
+def _join(body: str, question: str) -> str:
+    return body.strip() + " " + question.strip()
+
+
+def parse_gsm8k_file(path: Path) -> list[tuple[str, str, float]]:
+    """(question, rationale, answer) per line of a GSM8K JSONL file."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            question = _field(path, lineno, item, "question", str)
+            solution = _field(path, lineno, item, "answer", str)
+            rationale, sep, final = solution.rpartition("####")
+            answer = parse_number(final) if sep else None
+            if answer is None:
+                raise ValueError(f"{path}:{lineno}: expected an answer ending in '#### <number>'")
+            out.append((question.strip(), rationale.strip(), answer))
+    return out
+
+
+def parse_gsm8k(path: Path, split: str, socratic_path: Path | None = None) -> list[dict]:
+    rows = [
+        {"id": f"gsm8k-{split}-{i}", "question": q, "answer": a, "rationale": r}
+        for i, (q, r, a) in enumerate(parse_gsm8k_file(path))
+    ]
+    if socratic_path is not None:
+        socratic = parse_gsm8k_file(socratic_path)
+        if len(socratic) != len(rows):
+            raise ValueError(f"{socratic_path}: {len(socratic)} rows, expected {len(rows)}")
+        for i, (row, (q, r, a)) in enumerate(zip(rows, socratic, strict=True)):
+            if q != row["question"] or a != row["answer"]:
+                raise ValueError(f"{socratic_path}:{i + 1}: question or answer differs from {path}")
+            row["socratic"] = r
+    return rows
+
+
+def parse_svamp(path: Path) -> list[dict]:
+    rows = []
+    for line, item in _json_items(path):
+        answer = _field(path, line, item, "Answer", (int, float))
+        rows.append(
+            {
+                "id": f"svamp-{_field(path, line, item, 'ID', str)}",
+                "question": _join(
+                    _field(path, line, item, "Body", str), _field(path, line, item, "Question", str)
+                ),
+                "answer": float(answer),
+                "equation": _field(path, line, item, "Equation", str).strip(),
+            }
+        )
+    return rows
+
+
+def parse_multiarith(path: Path) -> list[dict]:
+    rows = []
+    for line, item in _json_items(path):
+        solutions = _field(path, line, item, "lSolutions", list)
+        if not solutions or not isinstance(solutions[0], (int, float)):
+            raise ValueError(f"{path}:{line}: expected a number in lSolutions, got {solutions!r}")
+        equations = _field(path, line, item, "lEquations", list)
+        rows.append(
+            {
+                "id": f"multiarith-{_field(path, line, item, 'iIndex', int)}",
+                "question": _field(path, line, item, "sQuestion", str).strip(),
+                "answer": float(solutions[0]),
+                "equation": str(equations[0]).strip() if equations else "",
+            }
+        )
+    return rows
+
+
+def asdiv_answer(answer: str, formula: str) -> tuple[float | None, str]:
+    """The numeric answer of an ASDiv problem and how it was found ("answer", "formula", "skip")."""
+    m = _ASDIV_ANSWER.fullmatch(answer.strip())
+    value = parse_number(m.group("value")) if m else None
+    if value is not None:
+        return value, "answer"
+    # Not a number: take Formula's final result only if it is the one number the answer states.
+    stated = _NUMBER.findall(_PARENS.sub("", answer))
+    result = parse_number(_PARENS.sub("", formula.rsplit("=", 1)[-1]))
+    if len(stated) == 1 and result is not None and float(stated[0]) == result:
+        return result, "formula"
+    return None, "skip"
+
+
+def parse_asdiv(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(rows, skipped) where skipped lists (ID, answer text) of the non-numeric answers."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as e:
+        raise ValueError(f"{path}:{e.position[0]}: not valid XML ({e})") from None
+    # ElementTree keeps no line numbers: find each Problem's line from its ID attribute.
+    lines, line, pos = {}, 1, 0
+    for m in re.finditer(r'<Problem\b[^>]*\bID="([^"]*)"', text):
+        line += text.count("\n", pos, m.start())
+        pos = m.start()
+        lines[m.group(1)] = line
+    rows, skipped, from_formula = [], [], 0
+    for problem in root.iter("Problem"):
+        pid = problem.get("ID", "")
+        fields = {k: problem.findtext(k) for k in ("Body", "Question", "Answer", "Formula")}
+        missing = [k for k, v in fields.items() if v is None]
+        if not pid or missing:
+            raise ValueError(
+                f"{path}:{lines.get(pid, '?')}: Problem {pid!r} lacks {missing or 'ID'}"
+            )
+        answer, how = asdiv_answer(fields["Answer"], fields["Formula"])
+        if answer is None:
+            skipped.append((pid, fields["Answer"].strip()))
+            continue
+        from_formula += how == "formula"
+        rows.append(
+            {
+                "id": f"asdiv-{pid}",
+                "question": _join(fields["Body"], fields["Question"]),
+                "answer": answer,
+                "equation": fields["Formula"].strip(),
+            }
+        )
+    examples = ", ".join(f"{pid} {a!r}" for pid, a in skipped[:3])
+    print(
+        f"asdiv: {len(rows) + len(skipped)} problems, {len(rows)} with a numeric answer kept "
+        f"({from_formula} of them from Formula), {len(skipped)} non-numeric skipped "
+        f"(e.g. {examples})",
+        flush=True,
+    )
+    return rows, skipped
+
+
+# ------------------------------------------------------------------------------------ prepare/load
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write rows atomically: a temporary file beside path, fsynced, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _check_name(name: str, split: str | None = None) -> None:
+    if name not in SPLITS:
+        raise ValueError(f"dataset {name!r}: expected one of {', '.join(SPLITS)}")
+    if split is not None and split not in SPLITS[name]:
+        raise ValueError(f"split {split!r} of {name}: expected one of {', '.join(SPLITS[name])}")
+
+
+def prepare(
+    name: str,
+    *,
+    source: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    raw_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Write data/<name>/<split>.jsonl for every split of one dataset; returns rows per split."""
+    _check_name(name)
+    out = Path(out_dir) if out_dir is not None else DATA_DIR
+    raw = Path(raw_dir) if raw_dir is not None else None
+    get = lambda rel: fetch(rel, source=source, raw_dir=raw, progress=progress)
+    if name == "gsm8k":
+        splits = {
+            s: parse_gsm8k(get(f"gsm8k/{s}.jsonl"), s, get(f"gsm8k/{s}_socratic.jsonl"))
+            for s in SPLITS[name]
+        }
+    elif name == "svamp":
+        splits = {"test": parse_svamp(get("svamp/SVAMP.json"))}
+    elif name == "asdiv":
+        splits = {"test": parse_asdiv(get("asdiv/ASDiv.xml"))[0]}
+    else:
+        splits = {"test": parse_multiarith(get("multiarith/MultiArith.json"))}
+    for split, rows in splits.items():
+        write_jsonl(out / name / f"{split}.jsonl", rows)
+    return {split: len(rows) for split, rows in splits.items()}
+
+
+def load(
+    name: str,
+    split: str,
+    *,
+    source: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """The normalised rows of one split, preparing the dataset first if its file is not there."""
+    _check_name(name, split)
+    path = (Path(out_dir) if out_dir is not None else DATA_DIR) / name / f"{split}.jsonl"
+    if not path.is_file():
+        prepare(name, source=source, out_dir=out_dir, progress=progress)
+    return read_jsonl(path)
+
+
+def main(
+    source: str | None = None,
+    out_dir: str | None = None,
+    names: tuple[str, ...] = tuple(SPLITS),
+    progress: bool = True,
+) -> dict[str, dict[str, int]]:
+    counts = {}
+    for name in names:
+        counts[name] = prepare(name, source=source, out_dir=out_dir, progress=progress)
+        print(f"{name}: " + ", ".join(f"{s} {n}" for s, n in counts[name].items()), flush=True)
+    return counts
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Prepare SIKeD's four datasets as JSONL splits.")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        help="local folder laid out like ../shared/data (default: $SIKED_DATA, else download)",
+    )
+    parser.add_argument("--out", default=None, help="output root (default: data/ beside this file)")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(SPLITS), default=list(SPLITS), help="datasets to prepare"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no download progress bars")
+    args = parser.parse_args()
+    try:
+        main(args.source, args.out, tuple(args.only), progress=not args.quiet)
+    except ValueError as e:
+        sys.exit(f"prepare.py: {e}")
