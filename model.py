@@ -1,0 +1,674 @@
+"""A decoder-only transformer that loads and saves Hugging Face checkpoints of three families.
+
+    llama  SmolLM, SmolLM2, Llama 3 (incl. rope_scaling "llama3"): RMSNorm, SwiGLU, GQA, RoPE
+    qwen2  Qwen2, Qwen2.5: llama plus a bias on the q/k/v projections
+    gemma  Gemma 1: GeGLU (tanh GELU), sqrt(dim)-scaled embeddings, RMSNorm with (1 + w), MQA on 2B
+
+Module names follow HF's state-dict layout, so checkpoints load as they are and a model saved here
+loads in transformers unchanged. Run it:
+
+    python model.py --model smollm2-135m-instruct --prompt "The capital of France is"
+
+It prints the parameter count, the dtype and a greedy continuation (sample.py is the fast sampler).
+Weights come from a local folder, an alias (ALIASES) or any HF repo id, downloaded with urllib from
+$HF_ENDPOINT (default https://huggingface.co) with $HF_TOKEN; an existing HF cache is reused, else
+files land in $SIKED_CACHE (default ~/.cache/siked). Loaded on the CPU in the file's own dtype (bf16
+for these checkpoints), the weights stay copy-on-write maps of the safetensors file, as with
+gpt-fast's torch.load(mmap=True): never rewrite a checkpoint file in place while a model loaded from
+it lives (save_pretrained replaces whole folders by renaming).
+
+Sources: karpathy/nanoGPT model.py and pytorch-labs/gpt-fast model.py (layout, KVCache, meta-device
+loading); meta-llama/llama3 llama/model.py (names, fp32 norms). The numerics we must match are
+transformers' models/{llama,qwen2,gemma}/modeling_*.py: rotate_half RoPE, LlamaRMSNorm (cast before
+the weight multiply), GemmaRMSNorm ((1 + w) in fp32, then cast), Gemma's embedding scale, and
+modeling_rope_utils._compute_llama3_parameters.
+"""
+
+import argparse
+import http.client
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import tokenizers
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+# The paper's students are the instruct checkpoints of SmolLM-1.7B, Qwen2-0.5B/1.5B and Gemma 2B/7B
+# (../shared/SPEC.md); the other sizes are for quick runs. Each alias also has an instruct form.
+_BASE = {
+    **{f"smollm-{s.lower()}": f"HuggingFaceTB/SmolLM-{s}" for s in ("135M", "360M", "1.7B")},
+    **{f"smollm2-{s.lower()}": f"HuggingFaceTB/SmolLM2-{s}" for s in ("135M", "360M", "1.7B")},
+    **{f"qwen2-{s.lower()}": f"Qwen/Qwen2-{s}" for s in ("0.5B", "1.5B")},
+    **{f"qwen2.5-{s.lower()}": f"Qwen/Qwen2.5-{s}" for s in ("0.5B", "1.5B")},
+}
+ALIASES: dict[str, str] = {
+    **_BASE,
+    **{f"{k}-instruct": f"{v}-Instruct" for k, v in _BASE.items()},
+    **{f"gemma-{s}{it}": f"google/gemma-{s}{it}" for s in ("2b", "7b") for it in ("", "-it")},
+}
+FAMILIES = ("llama", "qwen2", "gemma")
+
+
+@dataclass
+class ModelConfig:
+    family: str  # one of FAMILIES
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # None or {"rope_type": "llama3", "factor": ..., ...}
+    max_seq_len: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    hf_config: dict = field(default_factory=dict, repr=False)  # config.json as read; saved back
+
+    @classmethod
+    def from_hf_config(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        def unsupported(what, expected):
+            return ValueError(f"{source}: unsupported {what} (expected {expected})")
+
+        family = d.get("model_type")
+        if family not in FAMILIES:
+            raise unsupported(f"model_type {family!r}", " or ".join(FAMILIES))
+        # transformers 5 nests rope_theta and the scaling in rope_parameters; hub configs keep
+        # rope_theta at the top level and the scaling in rope_scaling.
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise unsupported(f"rope type {rope_type!r}", "default or llama3")
+        act = d.get("hidden_act") or d.get("hidden_activation")
+        if act not in (("gelu", "gelu_pytorch_tanh") if family == "gemma" else ("silu",)):
+            raise unsupported(f"hidden_act {act!r} for {family}", "silu, or gelu for gemma")
+        if d.get("mlp_bias") or (family != "qwen2" and d.get("attention_bias")):
+            raise unsupported("attention_bias/mlp_bias", "false")
+        if d.get("use_sliding_window"):
+            raise unsupported("use_sliding_window", "false")
+        n_heads = d["num_attention_heads"]
+        return cls(
+            family=family,
+            vocab_size=d["vocab_size"],
+            dim=d["hidden_size"],
+            n_layers=d["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=d.get("num_key_value_heads") or n_heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
+            hidden_dim=d["intermediate_size"],
+            norm_eps=d["rms_norm_eps"],
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            max_seq_len=d.get("max_position_embeddings", 8192),
+            tie_embeddings=d.get("tie_word_embeddings", family == "gemma"),  # HF class defaults
+            qkv_bias=family == "qwen2",
+            hf_config=d,
+        )
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+        super().__init__()
+        self.eps, self.unit_offset = eps, unit_offset
+        # Gemma stores w for a norm computing (1 + w), so its identity is zeros.
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # GemmaRMSNorm: (1 + w) in fp32, then cast
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.type_as(x)  # LlamaRMSNorm: cast, then multiply by w
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies, (head_dim // 2,) in fp32, with llama3 scaling when configured."""
+    hd = config.head_dim
+    exponents = torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd
+    inv_freq = 1.0 / config.rope_theta**exponents
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between
+    # interpolated (transformers' _compute_llama3_parameters, step for step).
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # HF's half-split layout: dim i pairs with dim i + head_dim / 2 (not interleaved pairs)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.head_dim = hd = config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.n_heads * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_heads * hd, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, input_pos, mask, kv_cache) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = self.q_proj(x).view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, n_heads, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv_heads, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv_heads, T, hd)
+        # RoPE; cos, sin: (B or 1, 1, T, hd)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if kv_cache is not None:
+            k, v = kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, hd)
+        # enable_gqa lets n_heads / n_kv_heads query heads share a kv head without copying it
+        # (HF's repeat_kv); with a 4-D mask SDPA takes the fast CPU kernel, not the math one
+        gqa = self.n_kv_heads != self.n_heads
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+        )  # (B, n_heads, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.gemma = config.family == "gemma"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        # Gemma's config says "gelu" but means the tanh approximation (transformers PR #29402)
+        gate = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        gemma = config.family == "gemma"
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps, unit_offset=gemma)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps, unit_offset=gemma)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, input_pos, mask, kv_cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """One layer's keys and values: (B, n_kv_heads, max_len, head_dim) buffers; slot = position."""
+
+    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # k, v: (B, n_kv_heads, T, head_dim); input_pos: (T,) for all rows or (B, T) per row
+        if input_pos.dim() == 1:
+            self.k_cache[:, :, input_pos] = k
+            self.v_cache[:, :, input_pos] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+            # indices on dims 0 and 2 put their (B, T) shape first: (B, T, n_kv_heads, head_dim)
+            self.k_cache[rows, :, input_pos] = k.transpose(1, 2)
+            self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k_cache, self.v_cache
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        gemma = config.family == "gemma"
+        # On the meta device (from_pretrained) nn.Embedding's normal_ init and arange would run
+        # torch's Python meta kernels, whose first use imports ~70 MB (sympy, torch._dynamo):
+        # the embedding skips its init there, and the RoPE table is computed on the CPU.
+        embed = nn.Embedding(
+            config.vocab_size, config.dim, _weight=torch.empty(config.vocab_size, config.dim)
+        )
+        if not embed.weight.is_meta:
+            nn.init.normal_(embed.weight)  # nn.Embedding's own init
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=embed,
+                layers=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
+                norm=RMSNorm(config.dim, config.norm_eps, unit_offset=gemma),
+            )
+        )
+        # tied: the output projection is the embedding matrix and no lm_head.weight is stored
+        self.lm_head = None
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        inv_freq = rope_inv_freq(config).to(embed.weight.device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) casts every float buffer; the RoPE frequencies stay fp32, as in HF
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
+    def setup_kv_cache(self, batch_size, max_len, dtype=None, device=None) -> list[KVCache]:
+        w, c = self.model.embed_tokens.weight, self.config
+        dtype, device = dtype or w.dtype, device or w.device
+        shape = (batch_size, max_len, c.n_kv_heads, c.head_dim)
+        return [KVCache(*shape, dtype, device) for _ in range(c.n_layers)]
+
+    def forward(self, tokens, input_pos=None, mask=None, kv_cache=None, last_only=False):
+        """tokens (B, T) -> float32 logits (B, T, vocab), or (B, 1, vocab) when last_only.
+
+        input_pos: (T,) or (B, T) RoPE positions, default arange(T); with a cache they also pick
+        the slots written. mask: bool, broadcastable to (B, 1, T, S), True = may attend; every
+        query row needs one True (a fully masked row turns NaN and spreads through the keys of
+        later layers). None = causal: SDPA's is_causal without a cache; with our KVCache, the
+        token at position p sees slots s <= p.
+        """
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device)
+        if mask is None and kv_cache is not None:
+            slots = torch.arange(kv_cache[0].k_cache.shape[2], device=tokens.device)  # (S,)
+            mask = (slots <= input_pos[..., None]).view(-1, 1, T, len(slots))  # (B or 1, 1, T, S)
+        elif mask is not None:
+            mask = mask[(None,) * (4 - mask.dim())]  # (.., 1, T, S): the CPU flash kernel wants 4-D
+        x = self.model.embed_tokens(tokens)  # (B, T, dim)
+        if self.config.family == "gemma":  # HF rounds the fp32 normalizer to the weights' dtype
+            x = x * torch.tensor(self.config.dim**0.5).to(x.device, x.dtype)
+        freqs = input_pos[..., None].float() * self.inv_freq  # (B or 1, T, hd / 2), fp32 as in HF
+        emb = torch.cat((freqs, freqs), dim=-1).view(-1, 1, T, 2 * len(self.inv_freq))
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # (B or 1, 1, T, hd)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, input_pos, mask, None if kv_cache is None else kv_cache[i])
+        if last_only:
+            x = x[:, -1:]  # (B, 1, dim)
+        x = self.model.norm(x)
+        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, w).float()  # (B, T, vocab)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32) -> "Transformer":
+        folder = resolve_checkpoint(name_or_path)
+        path = folder / "config.json"
+        config = ModelConfig.from_hf_config(json.loads(path.read_text()), str(path))
+        with torch.device("meta"):  # placeholders without memory, replaced by the weights below
+            model = cls(config)
+        state = load_weights(folder, model.state_dict(), device, dtype)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.inv_freq = rope_inv_freq(config).to(device)  # non-persistent, so still on meta
+        return model.eval()
+
+    def save_pretrained(self, folder, tokenizer: "Tokenizer | None" = None) -> None:
+        """config.json + model.safetensors (+ tokenizer files) in HF layout, replaced atomically."""
+        folder, state = Path(folder), self.state_dict()
+        with torch.device("meta"):
+            expected = Transformer(self.config).state_dict().keys()
+        if state.keys() != expected or not self.config.hf_config:
+            odd = sorted(state.keys() ^ expected)[:1] or ["(no hf_config)"]
+            raise ValueError(
+                f"{folder}: cannot save a model that is not in HF layout: {odd[0]} "
+                "(merge LoRA adapters first; build configs with from_hf_config)"
+            )
+        hf = dict(self.config.hf_config)
+        hf["torch_dtype"] = hf["dtype"] = str(self.model.embed_tokens.weight.dtype)[len("torch.") :]
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            tmp.chmod(0o755)
+            tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if folder.exists():  # the old folder stays whole until the new one is in place
+                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+                folder.rename(old / folder.name)
+                tmp.rename(folder)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- weight loading
+
+
+def load_weights(folder: Path, expected: dict, device, dtype) -> dict:
+    """Every tensor `expected` (name -> meta tensor) names, shape-checked, as dtype on device."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        source, files = single, [single]
+    elif index.is_file():
+        source, names = index, sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / name for name in names]
+        if lost := [f.name for f in files if not f.is_file()]:
+            raise ValueError(f"{index}: shard {lost[0]} is missing")
+    else:
+        raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    # tied checkpoints may still carry lm_head.weight; old conversions saved RoPE tables
+    ignored = re.compile(r"lm_head\.weight|.*rotary_emb\.inv_freq")
+    state = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key not in expected:
+                        if ignored.fullmatch(key):
+                            continue
+                        raise ValueError(f"{path}: unexpected tensor {key!r} (not in the model)")
+                    shape, want = tuple(f.get_slice(key).get_shape()), tuple(expected[key].shape)
+                    if shape != want:
+                        raise ValueError(f"{path}: tensor {key!r} has shape {shape}, not {want}")
+                    # one tensor at a time; same dtype on CPU: a view of the mapped file, no copy
+                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            reason = " ".join(str(e).split())
+            raise ValueError(f"{path}: not a valid safetensors file ({reason})") from None
+    if missing := [k for k in expected if k not in state]:
+        shape = tuple(expected[missing[0]].shape)
+        raise ValueError(
+            f"{source}: missing tensor {missing[0]!r} of shape {shape} "
+            f"({len(missing)} missing in all)"
+        )
+    return state
+
+
+# ----------------------------------------------------------------------------- finding checkpoints
+
+REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+OPTIONAL_FILES = ("special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+
+
+def _complete(folder: Path, weights: bool) -> bool:
+    if not all((folder / f).is_file() for f in REQUIRED_FILES):
+        return False
+    if not weights or (folder / "model.safetensors").is_file():
+        return True
+    index = folder / "model.safetensors.index.json"
+    return index.is_file() and all(
+        (folder / f).is_file() for f in json.loads(index.read_text())["weight_map"].values()
+    )
+
+
+def resolve_checkpoint(name_or_path, *, weights: bool = True) -> Path:
+    """A folder with the checkpoint's files: the folder given, an HF cache snapshot, or a download
+    into $SIKED_CACHE/{org}--{name}. weights=False is enough for the tokenizer."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
+        return path
+    repo = ALIASES.get(str(name_or_path), str(name_or_path))
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise ValueError(
+            f"unknown model {str(name_or_path)!r}: not a folder, an HF repo id "
+            f"(org/name) or an alias ({', '.join(ALIASES)})"
+        )
+    hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    cached = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub")
+    cached = cached / f"models--{repo.replace('/', '--')}"
+    if (cached / "refs" / "main").is_file():
+        snapshot = cached / "snapshots" / (cached / "refs" / "main").read_text().strip()
+        if _complete(snapshot, weights):
+            return snapshot
+    dest = Path(os.environ.get("SIKED_CACHE") or Path.home() / ".cache" / "siked")
+    dest = dest / repo.replace("/", "--")
+    if _complete(dest, weights):
+        return dest
+    # config first (a gated repo fails fast), weights last (their presence marks a full folder)
+    for name in ("config.json", *OPTIONAL_FILES, *REQUIRED_FILES[1:]):
+        download(repo, name, dest, optional=name in OPTIONAL_FILES)
+    if weights and not download(repo, "model.safetensors", dest, optional=True):
+        download(repo, "model.safetensors.index.json", dest)
+        index = json.loads((dest / "model.safetensors.index.json").read_text())
+        for shard in sorted(set(index["weight_map"].values())):
+            download(repo, shard, dest)
+    return dest
+
+
+class _SameHostAuth(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        same_host = new is not None and urlsplit(newurl).netloc == urlsplit(req.full_url).netloc
+        if auth and same_host:
+            new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+def download(repo: str, name: str, dest: Path, optional: bool = False) -> bool:
+    """Fetch {endpoint}/{repo}/resolve/main/{name} into dest/name, resuming dest/name.part.
+
+    False for a missing optional file. HF_TOKEN follows redirects on the same host only: the hub
+    sends LFS files to signed CDN URLs that reject a second credential.
+    """
+    target, part = dest / name, dest / (name + ".part")
+    if target.is_file():
+        return True
+    dest.mkdir(parents=True, exist_ok=True)
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = f"{endpoint.rstrip('/')}/{repo}/resolve/main/{name}"
+    have = part.stat().st_size if part.exists() else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "siked"})
+    if os.environ.get("HF_TOKEN"):
+        req.add_unredirected_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        resp = urllib.request.build_opener(_SameHostAuth).open(req, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise ValueError(
+                f"{repo}: HTTP {e.code} for {name}: the repo is gated, private or "
+                "missing; accept its licence on the hub and set HF_TOKEN"
+            ) from None
+        if e.code == 404 and optional:
+            return False
+        if e.code == 404:
+            raise ValueError(f"{repo}: no file {name} (HTTP 404 from {url})") from None
+        if e.code == 416 and have:  # the range starts at or past the end: start over
+            part.unlink()
+            return download(repo, name, dest, optional)
+        raise
+    with resp:
+        have = have if resp.status == 206 else 0  # 200: the server ignored the Range header
+        length = resp.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=name, leave=False)
+        try:
+            with open(part, "ab" if have else "wb") as f, bar:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        except (OSError, http.client.HTTPException) as e:
+            raise ConnectionError(f"{url}: {e}; run again to resume from {part}") from None
+    if total is not None and part.stat().st_size != total:
+        raise ConnectionError(
+            f"{url}: stopped at {part.stat().st_size} of {total} bytes; run "
+            f"again to resume from {part}"
+        )
+    part.replace(target)
+    return True
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _ids(x) -> list:  # config ids are a number, a list or null
+    return [] if x is None else x if isinstance(x, list) else [x]
+
+
+class Tokenizer:
+    """tokenizers.Tokenizer plus the checkpoint's special ids and its chat format, written by hand.
+
+    encode(text) adds no special tokens; bos=True prepends bos. Pass bos=tok.add_bos to match
+    transformers' tokenizer(text) (True for Gemma, False for SmolLM2 and Qwen2). Special tokens
+    written in the text, as chat() writes them, become their ids.
+    """
+
+    FILES = ("tokenizer.json", "tokenizer_config.json", *OPTIONAL_FILES)
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        if not (self.folder / "tokenizer.json").is_file():
+            raise ValueError(f"{self.folder}: no tokenizer.json")
+        self.tok = tokenizers.Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        tc = _read_json(self.folder / "tokenizer_config.json")
+        cfg = _read_json(self.folder / "config.json")
+        gen = _read_json(self.folder / "generation_config.json")
+
+        def special_id(kind: str) -> int | None:  # tokenizer_config first, then the configs
+            tok = tc.get(f"{kind}_token")
+            if tok is not None:
+                return self.tok.token_to_id(tok["content"] if isinstance(tok, dict) else tok)
+            return (_ids(cfg.get(f"{kind}_token_id", gen.get(f"{kind}_token_id"))) or [None])[0]
+
+        self.bos_id, self.eos_id = special_id("bos"), special_id("eos")
+        self.pad_id = special_id("pad")
+        if self.pad_id is None:  # padded positions are masked out: any id will do
+            self.pad_id = self.eos_id
+        # does transformers' tokenizer(text) prepend bos? add_bos_token if given, else the
+        # tokenizer.json post-processor decides
+        adds_bos = self.tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
+        self.add_bos = bool(tc.get("add_bos_token", adds_bos)) and self.bos_id is not None
+        turn_ends = [self.tok.token_to_id(t) for t in ("<|im_end|>", "<end_of_turn>")]
+        ids = [self.eos_id, *_ids(cfg.get("eos_token_id")), *_ids(gen.get("eos_token_id"))]
+        self.stop_ids = {i for i in ids + turn_ends if i is not None}
+
+        template = tc.get("chat_template") or ""
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t["name"] == "default"), "")
+        if (self.folder / "chat_template.jinja").is_file():
+            template = (self.folder / "chat_template.jinja").read_text()
+        formats = {"<|im_start|>": "chatml", "<start_of_turn>": "gemma"}
+        self.chat_format = next((f for t, f in formats.items() if t in template), "plain")
+        # the system prompt a ChatML template inserts when a conversation has none (SmolLM2,
+        # Qwen2); its "\n" is a real newline or the escape inside a Jinja string
+        m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}+]*?)<\|im_end\|>", template)
+        self.default_system = m.group(1) if m else None
+        self.bos_text = self.tok.id_to_token(self.bos_id) if self.bos_id is not None else ""
+
+    @classmethod
+    def from_pretrained(cls, name_or_path) -> "Tokenizer":
+        return cls(resolve_checkpoint(name_or_path, weights=False))
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The text of transformers' apply_chat_template (Gemma's starts with <bos>: encode it
+        with bos=False)."""
+        if self.chat_format == "chatml":
+            if self.default_system is not None and messages and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": self.default_system}, *messages]
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        if self.chat_format == "gemma":  # no system role; user/model turns alternate
+            text = self.bos_text
+            for i, m in enumerate(messages):
+                if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+                    raise ValueError(
+                        f"Gemma chat: message {i} has role {m['role']!r} (expected "
+                        "user and assistant turns alternating, user first)"
+                    )
+                role = "model" if m["role"] == "assistant" else "user"
+                text += f"<start_of_turn>{role}\n{m['content'].strip()}<end_of_turn>\n"
+            return text + ("<start_of_turn>model\n" if add_generation_prompt else "")
+        # a base model without a chat template: plain role-labelled paragraphs
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)
+        return text + ("Assistant:" if add_generation_prompt else "")
+
+    def save_pretrained(self, folder) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for name in self.FILES:
+            if (self.folder / name).is_file():
+                shutil.copyfile(self.folder / name, Path(folder) / name)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@torch.no_grad()
+def greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_ids=()) -> list:
+    """The simplest cached decoding loop: one prefill, then one token per step."""
+    device, T = model.model.embed_tokens.weight.device, len(prompt_ids)
+    cache = model.setup_kv_cache(1, T + max_new_tokens)
+    tokens = torch.tensor([prompt_ids], device=device)  # (1, T)
+    logits = model(tokens, torch.arange(T, device=device), kv_cache=cache, last_only=True)
+    out = []
+    for pos in range(T, T + max_new_tokens):
+        out.append(int(logits[0, -1].argmax()))
+        if out[-1] in stop_ids or len(out) == max_new_tokens:
+            break
+        tokens = torch.tensor([[out[-1]]], device=device)  # (1, 1)
+        logits = model(tokens, torch.tensor([pos], device=device), kv_cache=cache)
+    return out
+
+
+def main(
+    model: str = "smollm2-135m-instruct",
+    prompt: str = "The capital of France is",
+    max_new_tokens: int = 32,
+    dtype: str = "bfloat16",
+    device: str = "cpu",
+    chat: bool = False,
+) -> str:
+    net = Transformer.from_pretrained(model, device=device, dtype=getattr(torch, dtype))
+    tok = Tokenizer.from_pretrained(model)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"{model}: {n_params / 1e6:.1f}M parameters, {dtype} on {device}")
+    text = tok.chat([{"role": "user", "content": prompt}]) if chat else prompt
+    out = tok.decode(greedy(net, tok.encode(text, bos=tok.add_bos), max_new_tokens, tok.stop_ids))
+    print(text + out)
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Load a checkpoint and print a greedy continuation.")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="folder, alias or HF repo id")
+    p.add_argument("--prompt", default="The capital of France is", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate")
+    p.add_argument("--dtype", default="bfloat16", help="weights' dtype: float32, bfloat16 ...")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format")
+    main(**vars(p.parse_args()))
