@@ -1,0 +1,1558 @@
+"""
+SIKeD in plain PyTorch: self-guided iterative knowledge distillation for math reasoning.
+
+A small student learns three strategies (chain-of-thought, least-to-most, program-of-thought) from
+a teacher, each solution tagged with its strategy, then trains again for T-1 iterations on a mix
+of its own correct samples and teacher solutions for the problems it still fails:
+
+    teacher -> iter1: train (Combined, tagged) -> eval
+            -> iter t = 2..T: sample -> filter -> mix -> train (continual) -> eval
+
+Paper: Adarsh, Shridhar, Gulcehre, Monath, Sachan, "SIKeD: Self-guided Iterative Knowledge
+Distillation for Mathematical Reasoning", arXiv 2410.18574 (ACL Findings 2025). Hyperparameters
+from the authors' code, github.com/shivam0109/SIKeD ([R]); the method and every open choice are in
+SPEC.md. Loop and CLI modelled on nanoGPT's train.py and nanochat's chat_rl.py.
+
+Run (one CPU, one GPU, or several GPUs through torchrun; each run lives in runs/<name>/):
+
+    python siked.py --model smollm-1.7b                      # the paper's settings, 3 iterations
+    python siked.py --model smollm2-135m-instruct --quick    # a small run: minutes on a CPU
+    torchrun --nproc_per_node 8 siked.py --model qwen2-1.5b  # DDP training, sharded sampling/eval
+    python siked.py --model smollm-1.7b --strategies cot     # the CoT-only baseline (untagged)
+    python siked.py --model smollm-1.7b --bias pot           # PoT-biased SIKeD
+    python siked.py --model smollm-1.7b --teacher-url http://host:8000/v1 --teacher-model llama3-70b
+
+Every stage is a folder closed by an atomic DONE marker (JSON: its numbers and wall time); a rerun
+skips finished stages, and an interrupted one resumes from its last chunk (sampling, evaluation) or
+checkpoint (training). runs/<name>/report.md is rewritten after every stage. Under torchrun each
+process trains a whole replica (DDP; every student of the paper fits one GPU with LoRA, so there is
+no FSDP), takes every world-th chunk of sampling and evaluation, and only rank 0 writes shared
+files.
+
+Departures from the paper, on purpose:
+1. Teacher: without --teacher-url/--teacher-local, the gold GSM8K rationales converted into each
+   strategy's format (data/teacher.py) stand in for LLaMA-3 70B's samples: one solution per
+   (question, strategy). L2M needs GSM8K's train_socratic file; a strategy the teacher has no rows
+   for is dropped from the run (and said so).
+2. Checkpoint choice: the final checkpoint of each iteration, and the report names the iteration
+   that is best on the 10% held-out GSM8K-train split (seed 42). The test sets choose nothing
+   ([R] scores every checkpoint on test and continues from chosen ones).
+3. Answers match with a relative tolerance of 1e-4 (--rel-tol 0: the paper's exact float equality).
+4. MultiArith: all 600 problems (the paper's 180-problem HF split cannot be rebuilt here).
+5. The PoT sandbox (verify.py) has no sympy: programs that import it count as wrong.
+6. Packing without cross-contamination: each packed example attends only to itself and its
+   positions restart at 0 (TRL's packing of the time let examples see each other).
+7. LoRA written by hand (not unsloth/PEFT), same r, alpha and targets; adapters in fp32, base
+   weights in the run's dtype, bf16 autocast on CUDA.
+8. The learning-rate schedule is transformers' linear warmup/decay, stepped per optimizer step
+   (so, as there, step 0 runs at lr 0); batches are packed sequences, 8 per optimizer step.
+9. Biased SIKeD samples with each strategy forced too (SPEC 5.2), and the priority order then picks
+   one solution per question from the mix; [R] let its biased students pick (--sampling free).
+10. Off-policy (SPEC 1.6; the paper's setup is not known): every student row of the mix gives way
+   to another correct teacher solution of the same (question, strategy), else to D_LLM's own.
+   That needs an LLM teacher with several samples; with the gold teacher it is refused.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import sample
+import strategies as S
+import verify
+from data import prepare, teacher
+from model import ModelConfig, Tokenizer, Transformer, resolve_checkpoint
+
+# ----------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class RunConfig:
+    """One run. Defaults are the paper's settings (SPEC.md section 2, from [R]'s configs)."""
+
+    model: str = "smollm-1.7b"  # alias (model.ALIASES), HF repo id or local folder
+    run_name: str | None = None  # default: derived from the model and the variant flags
+    runs_dir: str = "runs"
+    # data
+    strategies: tuple[str, ...] = ("cot", "l2m", "pot")  # one strategy: untagged baseline
+    train_limit: int | None = None  # training questions, after the held-out split (None: ~6,726)
+    heldout_frac: float = 0.1  # of GSM8K train, for choosing an iteration only
+    eval_sets: tuple[str, ...] = ("gsm8k", "svamp", "asdiv", "multiarith")
+    eval_limit: int | None = None  # questions per eval set (a seeded random subset)
+    rel_tol: float = 1e-4
+    # teacher
+    teacher_url: str | None = None  # OpenAI-compatible server, with teacher_model
+    teacher_model: str | None = None
+    teacher_local: str | None = None  # a model run in-process by data/teacher.py
+    teacher_samples: int = 10  # per (question, strategy), LLM teachers only
+    # the SIKeD iterations
+    iterations: int = 3  # iteration 1 = distillation on teacher data
+    samples: int = 10  # student samples per (question, strategy)
+    sampling: str = "forced"  # forced: each strategy's tag written for it; free: the student picks
+    temperature: float = 0.7
+    top_p: float = 0.95
+    sample_max_new_tokens: int = 512
+    eval_max_new_tokens: int = 1024
+    mix: str = "adaptive"  # adaptive: teacher rows only where the student failed; all: the union
+    mix_rate: float | None = None  # force alpha by subsampling the teacher part
+    bias: str | None = None  # biased SIKeD: one solution per question, by BIAS_ORDERS
+    off_policy: bool = False  # extra teacher samples in place of the student's own
+    from_base: bool = False  # retrain from the base model every iteration (ablation)
+    # training
+    full_finetune: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lr: float | None = None  # None: 2e-4, 3e-4 for the qwen2 family
+    warmup_steps: int = 5
+    weight_decay: float = 0.01
+    batch_size: int = 8  # packed sequences per optimizer step, over all ranks
+    micro_batch_size: int = 2  # per forward/backward; accumulation makes up the rest
+    epochs: int = 3
+    max_seq_len: int = 1024
+    loss_on: str = "all"  # all: prompt + response as [R]; response: the solution tokens only
+    grad_clip: float = 1.0
+    ckpt_every: int = 50  # optimizer steps between resumable checkpoints
+    activation_checkpointing: bool = False
+    # system
+    seed: int = 42
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    compile: bool = False
+    chunk_size: int = 256  # sequences per sampling/evaluation chunk (the unit of resumption)
+    gen_batch_size: int = 64  # sequences per sample.generate batch
+    quick: bool = False
+    only: str | None = None
+
+
+# --quick: a small run that finishes on a laptop CPU in minutes (parse_args fills these in where
+# no flag is given; RunConfig(quick=True) alone only labels a run as quick).
+QUICK = dict(
+    train_limit=200,
+    eval_limit=30,
+    iterations=2,
+    samples=1,
+    epochs=1,
+    sample_max_new_tokens=256,
+    eval_max_new_tokens=256,
+    chunk_size=64,
+)
+BIAS_ORDERS = {
+    "cot": ("cot", "pot", "l2m"),
+    "pot": ("pot", "cot", "l2m"),
+    "l2m": ("l2m", "pot", "cot"),
+}
+STAGES = ("teacher", "train", "eval", "sample", "filter", "mix", "report")
+# Settings a rerun into an existing run folder may change: where it is, what runs now, how far.
+RERUN_FREE = ("run_name", "runs_dir", "only", "iterations")
+# SPEC.md section 4: SIKeD minus the best traditional distillation baseline, accuracy points.
+PAPER_GAINS = {
+    "smollm-1.7b": {"gsm8k": "+3.4", "asdiv": "+0.8..1.6", "multiarith": "up to +5"},
+    "gemma-2b": {"gsm8k": "+3.2", "asdiv": "+0.8..1.6"},
+    "gemma-7b": {"gsm8k": "+2.5", "asdiv": "+0.8..1.6", "multiarith": "reaches 100"},
+    "qwen2-0.5b": {"asdiv": "+0.8..1.6"},
+    "qwen2-1.5b": {"asdiv": "+0.8..1.6"},
+}
+HELDOUT = "gsm8k-heldout"  # the 10% of GSM8K train held out; evaluated to choose an iteration
+
+
+def fail(message: str):
+    """A one-line error for the command line."""
+    raise SystemExit(f"siked: {message}")
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write a file so that a reader sees the old version or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def is_done(folder: Path) -> bool:
+    return (folder / "DONE").is_file()
+
+
+# ------------------------------------------------------------------------------------ distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed(device: str) -> tuple[Dist, torch.device]:
+    """Under torchrun (WORLD_SIZE > 1): one process per device, nccl on CUDA, gloo on CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        fail(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device}: CUDA is not available here")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), dev
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(dev)
+    # Long timeout: ranks wait at a barrier while rank 0 alone runs the teacher, filter and mix.
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(hours=12))
+    return d, dev
+
+
+# ------------------------------------------------------------------------------------------- LoRA
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) B A x (Hu et al. 2021). A is kaiming-uniform as in PEFT and B zero, so
+    the wrapped layer starts out as W; W stays frozen. Dropout 0, as the paper."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / r
+        A = torch.empty(r, base.in_features)  # initialised on the CPU: the generator lives there
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(A.to(base.weight.device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (self.scale * update).to(y.dtype)
+
+
+def add_lora(model: nn.Module, r: int, alpha: float, seed: int) -> list[nn.Parameter]:
+    """Freeze the model and wrap its seven projections per layer; returns the adapter weights."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    wrapped = []
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in LORA_TARGETS and isinstance(child, nn.Linear):
+                lora = LoRALinear(child, r, alpha, g)
+                setattr(module, name, lora)
+                wrapped += [lora.lora_A, lora.lora_B]
+    n_layers = model.config.n_layers
+    assert len(wrapped) == 2 * len(LORA_TARGETS) * n_layers, f"{len(wrapped)} adapter weights"
+    return wrapped
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight, W + (alpha / r) B A (in fp32), and put the plain
+    nn.Linear back, so the model saves and loads as an ordinary checkpoint."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                W = child.base.weight
+                delta = child.scale * (child.lora_B.float() @ child.lora_A.float())  # (out, in)
+                W.copy_((W.float() + delta).to(W.dtype))
+                setattr(module, name, child.base)
+    return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them: wraps
+    model.model.layers[i].forward from outside, so model.py needs no flag for it."""
+    for layer in model.model.layers:
+        layer.forward = functools.partial(
+            torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False
+        )
+
+
+# ---------------------------------------------------------------------------------------- packing
+
+
+@dataclass
+class Example:
+    ids: list[int]  # prompt + response + EOS
+    n_prompt: int  # the first n_prompt ids are the prompt
+
+
+def tokenize_example(tok: Tokenizer, prompt: str, response: str) -> Example:
+    """Prompt and response are encoded apart: at inference the model continues the prompt's own
+    tokens (sample.py encodes the prompt alone, with BOS)."""
+    p = tok.encode(prompt, bos=True)
+    return Example(p + tok.encode(response) + [tok.eos_id], len(p))
+
+
+def pack(lengths: list[int], max_seq_len: int) -> list[list[int]]:
+    """Next-fit: consecutive examples share a sequence while they fit. Returns the example indices
+    of each packed sequence."""
+    bins, room = [], 0
+    for i, n in enumerate(lengths):
+        assert n <= max_seq_len
+        if not bins or n > room:
+            bins.append([])
+            room = max_seq_len
+        bins[-1].append(i)
+        room -= n
+    return bins
+
+
+def make_batch(examples: list[Example], bins: list[list[int]], loss_on: str, pad_id: int):
+    """Packed sequences -> tokens, targets (-100 = no loss), input_pos and the attention mask.
+
+    Each example predicts its own next tokens only; input_pos restarts at 0 per example, and the
+    mask is block-diagonal causal: token i attends to j iff both belong to the same example and
+    j <= i. Padding forms one more block so that no query row is all False (SDPA would give NaN).
+    """
+    B = len(bins)
+    T = max(sum(len(examples[i].ids) for i in b) for b in bins)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), -100, dtype=torch.long)
+    input_pos = torch.zeros((B, T), dtype=torch.long)
+    segment = torch.full((B, T), -1, dtype=torch.long)
+    for b, sequence in enumerate(bins):
+        off = 0
+        for k, i in enumerate(sequence):
+            ex = examples[i]
+            ids, L = torch.tensor(ex.ids), len(ex.ids)
+            tokens[b, off : off + L] = ids
+            input_pos[b, off : off + L] = torch.arange(L)
+            segment[b, off : off + L] = k
+            # target at position j is token j+1; response-only: j+1 >= n_prompt
+            start = 0 if loss_on == "all" else max(ex.n_prompt - 1, 0)
+            targets[b, off + start : off + L - 1] = ids[start + 1 :]
+            off += L
+        input_pos[b, off:] = torch.arange(T - off)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+    mask = (segment[:, :, None] == segment[:, None, :]) & causal  # (B, T, T)
+    return tokens, targets, input_pos, mask[:, None]  # mask: (B, 1, T, T)
+
+
+def token_losses(model, tokens, targets, input_pos, mask) -> torch.Tensor:
+    """Cross-entropy of every target, (B, T), 0 where the target is -100. Logits are fp32."""
+    logits = model(tokens, input_pos=input_pos, mask=mask)  # (B, T, vocab)
+    loss = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
+    )
+    return loss.view_as(targets)
+
+
+# --------------------------------------------------------------------------------------- training
+
+
+def get_lr(step: int, total_steps: int, lr: float, warmup_steps: int) -> float:
+    """transformers' get_linear_schedule_with_warmup (what [R]'s trainer ran): a linear ramp from 0
+    over warmup_steps, then a linear decay to 0 at total_steps. `step` counts optimizer steps."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def epoch_order(n_sequences: int, epoch: int, seed: int) -> list[int]:
+    order = list(range(n_sequences))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return order
+
+
+def train(
+    model: Transformer,
+    examples: list[Example],
+    cfg: RunConfig,
+    device: torch.device,
+    d: Dist | None = None,
+    ckpt_path: Path | None = None,
+    desc: str = "train",
+    log=print,
+    pad_id: int = 0,
+) -> dict:
+    """Supervised fine-tuning of the model's trainable weights on packed examples.
+
+    One optimizer step = cfg.batch_size packed sequences over all ranks, each rank taking every
+    world-th sequence in micro-batches of cfg.micro_batch_size. The loss is the sum of token losses
+    over the global batch divided by its number of loss tokens, so the step does not depend on how
+    the batch is cut into ranks and micro-batches. Resumes from ckpt_path (trainable weights,
+    optimizer, step), written every cfg.ckpt_every steps by rank 0.
+    """
+    d = d or Dist()
+    lr = cfg.lr
+    assert lr is not None, "resolve cfg.lr first (resolve_lr)"
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    decay = [p for p in params.values() if p.dim() >= 2]  # no decay on norms and biases, as HF
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+    # the data: a seeded shuffle, packed once; the packed sequences are reshuffled every epoch
+    order = list(range(len(examples)))
+    random.Random(cfg.seed).shuffle(order)
+    bins = [
+        [order[i] for i in b] for b in pack([len(examples[i].ids) for i in order], cfg.max_seq_len)
+    ]
+    steps_per_epoch = math.ceil(len(bins) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    n_loss = lambda b: sum(
+        len(examples[i].ids) - (1 if cfg.loss_on == "all" else examples[i].n_prompt) for i in b
+    )
+
+    step = 0
+    if ckpt_path is not None and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        assert state["trainable"].keys() == params.keys(), "checkpoint of another model/adapter"
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["trainable"][n])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        log(f"{desc}: resuming from {ckpt_path} at step {step}/{total_steps}")
+
+    amp = cfg.dtype == "bfloat16"
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()
+    net = torch.compile(model) if cfg.compile else model
+    if d.world > 1:
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    bar = tqdm(
+        range(step, total_steps), initial=step, total=total_steps, desc=desc, disable=not d.main
+    )
+    losses, t_start, tokens_seen = [], time.time(), 0
+    for step in bar:
+        epoch, k = divmod(step, steps_per_epoch)
+        batch = [
+            bins[i]
+            for i in epoch_order(len(bins), epoch, cfg.seed)[k * cfg.batch_size :][: cfg.batch_size]
+        ]
+        n_tokens = max(1, sum(n_loss(b) for b in batch))  # loss tokens in the global batch
+        mine = batch[d.rank :: d.world]  # this rank's sequences
+        micro = [
+            mine[j : j + cfg.micro_batch_size] for j in range(0, len(mine), cfg.micro_batch_size)
+        ]
+        for g in opt.param_groups:
+            g["lr"] = get_lr(step, total_steps, lr, cfg.warmup_steps)
+        loss_sum = torch.zeros((), device=device)
+        for j, mb in enumerate(micro or [None]):
+            sync = j == max(len(micro), 1) - 1  # DDP all-reduces on the last micro-batch only
+            no_sync = net.no_sync() if d.world > 1 and not sync else contextlib.nullcontext()
+            with no_sync, ctx:
+                if mb is None:  # a rank left without data this step still joins the all-reduce
+                    loss = net(torch.full((1, 1), pad_id, device=device)).sum() * 0.0
+                else:
+                    tokens, targets, input_pos, mask = (
+                        t.to(device) for t in make_batch(examples, mb, cfg.loss_on, pad_id)
+                    )
+                    tl = token_losses(net, tokens, targets, input_pos, mask).sum()
+                    loss_sum += tl.detach()
+                    # DDP averages gradients over ranks: * world turns that back into a sum
+                    loss = tl / n_tokens * d.world
+            loss.backward()
+        if d.world > 1:
+            dist.all_reduce(loss_sum)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        loss_now = loss_sum.item() / n_tokens  # .item() is a sync point: once per step
+        losses.append(loss_now)
+        tokens_seen += sum(len(examples[i].ids) for b in batch for i in b)
+        tok_s = tokens_seen / (time.time() - t_start)
+        bar.set_postfix(
+            loss=f"{loss_now:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{opt.param_groups[0]['lr']:.2e}"
+        )
+        done = step + 1
+        if ckpt_path is not None and d.main and done % cfg.ckpt_every == 0 and done < total_steps:
+            state = {"step": done, "trainable": {n: p.detach() for n, p in params.items()}}
+            state["optimizer"] = opt.state_dict()
+            tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp{os.getpid()}")
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt_path)
+    bar.close()
+    model.eval()
+    wall = time.time() - t_start
+    return {
+        "examples": len(examples),
+        "sequences": len(bins),
+        "steps": total_steps,
+        "tokens_per_epoch": sum(len(e.ids) for e in examples),
+        "final_loss": losses[-1] if losses else None,
+        "first_loss": losses[0] if losses else None,
+        "train_tok_s": round(tokens_seen / wall, 1) if tokens_seen else None,
+    }
+
+
+# ------------------------------------------------------------------------------------ data mixing
+
+
+def mix(
+    teacher_rows: list[dict],
+    self_rows: list[dict],
+    mode: str = "adaptive",
+    mix_rate: float | None = None,
+    seed: int = 42,
+) -> tuple[list[dict], float]:
+    """The training set of a SIKeD iteration and alpha, its teacher share (SPEC 1.4.3).
+
+    teacher_rows: one teacher solution per (id, strategy) (D_LLM); self_rows: one correct student
+    solution per (id, strategy) (D_self). adaptive: a teacher row only for the pairs the student
+    did not solve; all: every teacher row. mix_rate forces alpha by sampling that teacher part
+    (as close as its size allows; 1.0 = teacher part only, 0.0 = student only).
+    """
+    solved = {(r["id"], r["strategy"]) for r in self_rows}
+    if mode == "adaptive":
+        pool = [r for r in teacher_rows if (r["id"], r["strategy"]) not in solved]
+    elif mode == "all":
+        pool = list(teacher_rows)
+    else:
+        raise ValueError(f"mix mode {mode!r}: expected 'adaptive' or 'all'")
+    if mix_rate is not None:
+        if not 0.0 <= mix_rate <= 1.0:
+            raise ValueError(f"mix_rate {mix_rate}: expected a value in [0, 1]")
+        if mix_rate == 1.0:
+            self_rows = []
+        else:
+            want = round(mix_rate / (1.0 - mix_rate) * len(self_rows))
+            keep = sorted(random.Random(seed).sample(range(len(pool)), min(want, len(pool))))
+            pool = [pool[i] for i in keep]
+    rows = list(self_rows) + pool
+    alpha = len(pool) / len(rows) if rows else 0.0
+    return rows, alpha
+
+
+def apply_bias(rows: list[dict], order: tuple[str, ...]) -> list[dict]:
+    """Biased SIKeD (SPEC 1.5): one solution per question, the first strategy in `order` that has
+    one (ties within a strategy: the first row)."""
+    rank = {s: i for i, s in enumerate(order)}
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["strategy"] not in rank:
+            continue
+        b = best.get(r["id"])
+        if b is None or rank[r["strategy"]] < rank[b["strategy"]]:
+            best[r["id"]] = r
+    return [r for r in rows if best.get(r["id"]) is r]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class Run:
+    """What every stage needs: the config, the run folder, this process's place, the data."""
+
+    cfg: RunConfig
+    dir: Path
+    d: Dist
+    device: torch.device
+    tok: Tokenizer
+    questions: dict[str, dict]  # GSM8K train rows by id (training and held-out questions)
+    train_ids: list[str]
+    heldout_ids: list[str]
+
+    held: list[str] | None = dataclasses.field(default_factory=list)  # log lines not yet written
+
+    def log(self, message: str) -> None:
+        """Print, and append to log.txt; until a stage runs the lines are held back, so that a
+        rerun with nothing to do leaves the run folder as it was."""
+        if not self.d.main:
+            return
+        print(f"siked: {message}", flush=True)
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n"
+        if self.held is not None:
+            self.held.append(line)
+            return
+        with open(self.dir / "log.txt", "a", encoding="utf-8") as f:
+            f.write(line)
+
+    def release_log(self) -> None:
+        if self.d.main and self.held:
+            with open(self.dir / "log.txt", "a", encoding="utf-8") as f:
+                f.writelines(self.held)
+        self.held = None
+
+    @property
+    def tagged(self) -> bool:
+        return len(self.cfg.strategies) > 1
+
+    @property
+    def strategies(self) -> list[str]:
+        """The configured strategies the teacher has solutions for (teacher stage's DONE)."""
+        return read_json(self.dir / "teacher" / "DONE")["strategies"]
+
+    def weights_dtype(self, training: bool = False) -> torch.dtype:
+        # full fine-tuning keeps fp32 master weights under bf16 autocast; LoRA trains fp32
+        # adapters on a frozen base in the run's dtype (the paper: 16-bit base weights)
+        if training and self.cfg.full_finetune:
+            return torch.float32
+        return getattr(torch, self.cfg.dtype)
+
+    def generate(self, model, prompts, n, max_new_tokens, temperature=0.0, seed=None):
+        """sample.generate with the run's nucleus, batch size and stop strings."""
+        top_p = self.cfg.top_p if temperature > 0 else 1.0
+        batch_size, progress = self.cfg.gen_batch_size, self.d.main
+        return sample.generate(model, self.tok, prompts, n=n, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, stop=S.STOP, seed=seed,
+                               batch_size=batch_size, progress=progress,
+                               compile=self.cfg.compile)  # fmt: skip
+
+    def load_model(self, name_or_path: str | Path, training: bool = False) -> Transformer:
+        model = Transformer.from_pretrained(
+            str(name_or_path), device=str(self.device), dtype=self.weights_dtype(training)
+        )
+        return model.eval()
+
+    def student(self, t: int) -> Path:
+        return self.dir / f"iter{t}" / "train" / "student"
+
+
+def teacher_rows(R: Run) -> list[dict]:
+    """D_LLM: the teacher's selected solutions for the training questions and strategies."""
+    ids, strategies = set(R.train_ids), set(R.strategies)
+    rows = read_jsonl(R.dir / "teacher" / "selected.jsonl")
+    return [
+        dict(r, source="teacher", teacher=r["source"], iteration=0)
+        for r in rows
+        if r["id"] in ids and r["strategy"] in strategies
+    ]
+
+
+def run_chunks(R: Run, folder: Path, items: list, cs: int, load, generate_chunk, desc: str):
+    """Split items into chunks of cs items; each rank generates the chunks i with
+    i % world == rank that are not on disk yet, each written as one atomic JSONL file. After a
+    barrier rank 0 returns every row in order (others: None), with the tokens/s of this attempt.
+    A crash loses only the chunk in progress."""
+    chunk_dir = folder / "chunks"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    paths = [chunk_dir / f"{i:05d}.jsonl" for i in range(math.ceil(len(items) / cs))]
+    todo = [i for i in range(len(paths)) if i % R.d.world == R.d.rank and not paths[i].is_file()]
+    n_done = sum(p.is_file() for p in paths)
+    if n_done:
+        R.log(f"{desc}: {n_done}/{len(paths)} chunks already on disk, resuming")
+    t0, n_tokens = time.time(), 0
+    if todo:
+        model = load()
+        t0 = time.time()  # throughput of generation, not of loading
+        for i in todo:
+            rows = generate_chunk(model, items[i * cs : (i + 1) * cs], i)
+            n_tokens += sum(r["n_tokens"] for r in rows)
+            write_jsonl(paths[i], rows)
+            R.log(f"{desc}: chunk {i + 1}/{len(paths)} written")
+        del model
+    R.d.barrier()
+    if not R.d.main:
+        return None, None
+    # tokens/s of this rank in this attempt, times the ranks (they ran side by side)
+    tok_s = round(n_tokens / (time.time() - t0) * R.d.world, 1) if n_tokens else None
+    return [r for p in paths for r in read_jsonl(p)], tok_s
+
+
+def _finish(c: sample.Completion) -> dict:
+    return {"finish_reason": c.finish_reason, "n_tokens": len(c.token_ids)}
+
+
+def score(texts: list[str], strategies: list[str | None], golds: list[float], rel_tol: float):
+    """Predicted answers (PoT programs run in one sandboxed batch; no strategy: read as CoT) and
+    whether each is correct."""
+    preds = verify.extract_answers(texts, strategies)
+    return preds, [
+        verify.is_correct(p, g, rel_tol=rel_tol) for p, g in zip(preds, golds, strict=True)
+    ]
+
+
+def parse_output(R: Run, text: str) -> tuple[str | None, str]:
+    """The strategy and solution body of a free (untagged-prompt) completion."""
+    if not R.tagged:
+        return R.cfg.strategies[0], text
+    strategy, body = S.parse_solution(text)
+    return (strategy if strategy in S.STRATEGIES else None), body
+
+
+# ---------------------------------------------------------------------------------------- stages
+# Each stage runs on every rank (rank 0 alone where noted), returns the numbers for its DONE
+# marker, and reads only finished stages' files.
+
+
+def stage_teacher(R: Run, folder: Path, t: int = 0) -> dict:
+    """D_LLM: the teacher's solutions to the training questions (rank 0), one kept per
+    (question, strategy)."""
+    if not R.d.main:
+        return {}
+    cfg = R.cfg
+    rows = [R.questions[i] for i in R.train_ids]
+    out = folder / "teacher.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    kw = dict(strategies_=cfg.strategies, progress=True)
+    try:
+        if cfg.teacher_url:
+            source = f"{cfg.teacher_model} at {cfg.teacher_url}"
+            url, name, n = cfg.teacher_url, cfg.teacher_model, cfg.teacher_samples
+            teacher.http_teacher(rows, out, url, name, n=n, **kw)
+        elif cfg.teacher_local:
+            source = f"{cfg.teacher_local} (local)"
+            kw.update(device=str(R.device), dtype=cfg.dtype, seed=cfg.seed)
+            teacher.local_teacher(rows, out, cfg.teacher_local, n=cfg.teacher_samples, **kw)
+        else:
+            source = "gold GSM8K rationales (data/teacher.py gold_teacher)"
+            teacher.gold_teacher(rows, out, **kw)
+    except teacher.TeacherError as e:  # a server that retrying does not fix: one line
+        fail(f"teacher: {e}")
+    # data/teacher.py judges with verify's default tolerance; --rel-tol 0 makes that exact
+    all_rows = read_jsonl(out)
+    for r in all_rows:
+        gold = R.questions[r["id"]]["answer"]
+        r["correct"] = r["correct"] and verify.is_correct(r["answer"], gold, rel_tol=cfg.rel_tol)
+    selected = teacher.select_teacher(all_rows)
+    write_jsonl(folder / "selected.jsonl", selected)
+    per = {
+        s: {
+            "rows": sum(r["strategy"] == s for r in all_rows),
+            "correct": sum(r["strategy"] == s and bool(r["correct"]) for r in all_rows),
+            "selected": sum(r["strategy"] == s for r in selected),
+        }
+        for s in cfg.strategies
+    }
+    kept = [s for s in cfg.strategies if per[s]["selected"]]
+    for s in cfg.strategies:
+        if s not in kept:
+            R.log(
+                f"teacher: no {s} solutions (for l2m the gold teacher needs GSM8K train_socratic):"
+                f" {s} is dropped from this run"
+            )
+    if not kept:
+        fail("teacher: no correct teacher solution for any strategy")
+    R.log(f"teacher ({source}): {len(selected)} solutions for {len(rows)} questions: {per}")
+    return {"source": source, "questions": len(rows), "strategies": kept, "per_strategy": per}
+
+
+def build_examples(R: Run, rows: list[dict]) -> tuple[list[Example], int]:
+    """Training rows -> token examples: prompt + response + EOS (strategies.training_example)."""
+    examples, n_cut = [], 0
+    for r in rows:
+        q = R.questions[r["id"]]["question"]
+        prompt, response = S.training_example(q, r["strategy"], r["text"], tagged=R.tagged)
+        ex = tokenize_example(R.tok, prompt, response)
+        if len(ex.ids) > R.cfg.max_seq_len:
+            n_cut += 1
+            ex = Example(ex.ids[: R.cfg.max_seq_len], min(ex.n_prompt, R.cfg.max_seq_len))
+        examples.append(ex)
+    return examples, n_cut
+
+
+def stage_train(R: Run, folder: Path, t: int) -> dict:
+    """Iteration 1: distil the base model on D_LLM. Later: continual, a new LoRA on the last
+    iteration's merged student (--from-base: on the base model), trained on the mix."""
+    cfg = R.cfg
+    if t == 1:
+        rows = teacher_rows(R)
+        if cfg.bias:
+            rows = apply_bias(rows, BIAS_ORDERS[cfg.bias])
+        if R.d.main:
+            write_jsonl(folder / "data.jsonl", rows)  # iteration 1's training set, as provenance
+    else:
+        rows = read_jsonl(R.dir / f"iter{t}" / "mix" / "train.jsonl")
+    if not rows:
+        fail(f"iter{t} train: the training set is empty")
+    examples, n_cut = build_examples(R, rows)
+    if n_cut:
+        R.log(f"iter{t} train: {n_cut} of {len(examples)} examples cut to {cfg.max_seq_len} tokens")
+    base = cfg.model if t == 1 or cfg.from_base else R.student(t - 1)
+    model = R.load_model(base, training=True)
+    if not cfg.full_finetune:
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed + t)
+    ckpt, desc = folder / "ckpt.pt", f"iter{t} train"
+    stats = train(model, examples, cfg, R.device, R.d, ckpt, desc, R.log, R.tok.pad_id)
+    if R.d.main:
+        if not cfg.full_finetune:
+            merge_lora(model)
+        model.to(R.weights_dtype()).save_pretrained(folder / "student", tokenizer=R.tok)
+        R.log(
+            f"iter{t} train: loss {stats['first_loss']:.4f} -> {stats['final_loss']:.4f}, "
+            f"student saved in {folder / 'student'}"
+        )
+    return dict(
+        stats,
+        base=str(base),
+        rows=len(rows),
+        cut=n_cut,
+        per_strategy=dict(sorted(Counter(r["strategy"] for r in rows).items())),
+    )
+
+
+def stage_sample(R: Run, folder: Path, t: int) -> dict:
+    """D_self candidates: the last student samples every training question, each strategy forced
+    by its tag (--sampling free: the student picks), T=0.7, top-p 0.95."""
+    cfg, strategies = R.cfg, R.strategies
+    by_tag = {S.STRATEGIES[s].tag: s for s in strategies}
+
+    def generate_chunk(model, ids: list[str], i: int) -> list[dict]:
+        seed = cfg.seed + 1000 * t + i  # per chunk: a resumed chunk draws the same samples
+        qs = [R.questions[q]["question"] for q in ids]
+        n = cfg.samples
+        if not R.tagged:
+            prompts = [S.single_prompt(q, strategies[0]) for q in qs]
+        elif cfg.sampling == "forced":
+            tags = [(S.STRATEGIES[s].tag, cfg.samples) for s in strategies]
+            prompts = [sample.SharedPrompt(S.student_prompt(q), tags) for q in qs]
+        else:
+            prompts, n = [S.student_prompt(q) for q in qs], cfg.samples * len(strategies)
+        outs = R.generate(model, prompts, n, cfg.sample_max_new_tokens, cfg.temperature, seed)
+        rows = []
+        for qid, completions in zip(ids, outs, strict=True):
+            for k, c in enumerate(completions):
+                if c.continuation:
+                    strategy, body = by_tag[c.continuation], c.text
+                else:
+                    strategy, body = parse_output(R, c.text)
+                row = dict(id=qid, iteration=t, source="student", strategy=strategy, sample=k)
+                rows.append(row | dict(seed=seed, text=body, **_finish(c)))
+        return rows
+
+    per_question = cfg.samples * (len(strategies) if R.tagged else 1)
+    load = lambda: R.load_model(R.student(t - 1))
+    size = max(1, cfg.chunk_size // per_question)
+    rows, tok_s = run_chunks(R, folder, R.train_ids, size, load, generate_chunk, f"iter{t} sample")
+    if not R.d.main:
+        return {}
+    write_jsonl(folder / "samples.jsonl", rows)
+    return {
+        "samples": len(rows),
+        "questions": len(R.train_ids),
+        "sample_tok_s": tok_s,
+        "tokens": sum(r["n_tokens"] for r in rows),
+    }
+
+
+def stage_filter(R: Run, folder: Path, t: int) -> dict:
+    """D_self (rank 0): correct samples only, L2M ones without sub-questions dropped, then the
+    first correct one per (question, strategy). Every sample keeps its verdict."""
+    if not R.d.main:
+        return {}
+    rows = read_jsonl(R.dir / f"iter{t}" / "sample" / "samples.jsonl")
+    golds = [R.questions[r["id"]]["answer"] for r in rows]
+    preds, correct = score(
+        [r["text"] for r in rows], [r["strategy"] for r in rows], golds, R.cfg.rel_tol
+    )
+    kept, seen = [], set()
+    for r, gold, pred, ok in zip(rows, golds, preds, correct, strict=True):
+        pair = (r["id"], r["strategy"])
+        if r["strategy"] is None:
+            verdict = "no_tag"
+        elif r["strategy"] == "l2m" and not verify.has_subquestions(r["text"]):
+            verdict = "no_subquestions"
+        elif not ok:
+            verdict = "wrong"
+        elif pair in seen:
+            verdict = "correct_duplicate"
+        else:
+            verdict = "kept"
+            seen.add(pair)
+        r.update(answer=gold, pred=pred, verdict=verdict)
+        if verdict == "kept":
+            kept.append(r)
+    write_jsonl(folder / "samples.jsonl", rows)
+    write_jsonl(folder / "kept.jsonl", kept)
+    per = {}
+    for s in sorted({r["strategy"] or "none" for r in rows}):
+        rs = [r for r in rows if (r["strategy"] or "none") == s]
+        per[s] = {
+            "samples": len(rs),
+            "correct": sum(r["verdict"] in ("kept", "correct_duplicate") for r in rs),
+            "kept": sum(r["verdict"] == "kept" for r in rs),
+        }
+    R.log(f"iter{t} filter: kept {len(kept)} of {len(rows)} samples: {per}")
+    return {"samples": len(rows), "kept": len(kept), "per_strategy": per}
+
+
+def off_policy_rows(R: Run, self_rows: list[dict], d_llm: list[dict]) -> tuple[list[dict], dict]:
+    """--off-policy: each student row gives way to a correct teacher solution of the same
+    (question, strategy) that D_LLM does not already hold (the teacher's other samples), else to
+    D_LLM's own one; pairs the teacher never solved lose their row."""
+    used = {(r["id"], r["strategy"]): r for r in d_llm}
+    extra: dict[tuple, list[dict]] = {}
+    for r in read_jsonl(R.dir / "teacher" / "teacher.jsonl"):
+        pair = (r["id"], r["strategy"])
+        if r["correct"] and pair in used and r["text"] != used[pair]["text"]:
+            extra.setdefault(pair, []).append(r)
+    out, n_extra = [], 0
+    for r in self_rows:
+        pair = (r["id"], r["strategy"])
+        if extra.get(pair):
+            row = extra[pair][0]
+            out.append(
+                dict(row, source="teacher", teacher=row["source"], iteration=0, off_policy=True)
+            )
+            n_extra += 1
+        elif pair in used:
+            out.append(dict(used[pair], off_policy=True))
+    info = {
+        "extra_teacher": n_extra,
+        "reused_teacher": len(out) - n_extra,
+        "dropped": len(self_rows) - len(out),
+    }
+    R.log(f"off-policy: {len(self_rows)} student rows replaced by teacher rows: {info}")
+    return out, info
+
+
+def stage_mix(R: Run, folder: Path, t: int) -> dict:
+    """The training set of iteration t (rank 0): D_self plus teacher rows (SPEC 1.4.3), alpha."""
+    if not R.d.main:
+        return {}
+    cfg = R.cfg
+    d_llm = teacher_rows(R)
+    d_self = read_jsonl(R.dir / f"iter{t}" / "filter" / "kept.jsonl")
+    info = {}
+    if cfg.off_policy:
+        d_self, info = off_policy_rows(R, d_self, d_llm)
+    rows, alpha_mix = mix(d_llm, d_self, cfg.mix, cfg.mix_rate, seed=cfg.seed + t)
+    if cfg.bias:
+        rows = apply_bias(rows, BIAS_ORDERS[cfg.bias])
+    n_teacher = sum(r["source"] == "teacher" for r in rows)
+    alpha = n_teacher / len(rows) if rows else 0.0
+    write_jsonl(folder / "train.jsonl", rows)
+    if cfg.mix_rate is not None and abs(alpha_mix - cfg.mix_rate) > 0.01:
+        R.log(f"iter{t} mix: --mix-rate {cfg.mix_rate} not reachable, alpha = {alpha_mix:.3f}")
+    R.log(
+        f"iter{t} mix ({cfg.mix}): {len(rows) - n_teacher} student + {n_teacher} teacher rows, "
+        f"alpha = {alpha:.3f}"
+    )
+    per = {
+        s: {
+            src: sum(r["strategy"] == s and r["source"] == src for r in rows)
+            for src in ("teacher", "student")
+        }
+        for s in R.strategies
+    }
+    return dict(
+        info,
+        rows=len(rows),
+        teacher_rows=n_teacher,
+        student_rows=len(rows) - n_teacher,
+        alpha=alpha,
+        alpha_mix=alpha_mix,
+        d_llm=len(d_llm),
+        d_self=len(d_self),
+        per_strategy=per,
+    )
+
+
+def eval_items(R: Run) -> list[tuple[str, dict]]:
+    """(set, row) for each evaluation set, a seeded subset of --eval-limit rows each, then the
+    held-out GSM8K-train questions (for choosing an iteration, not for reporting)."""
+    cfg, items = R.cfg, []
+    for name in (*cfg.eval_sets, HELDOUT):
+        if name == HELDOUT:
+            rows = [R.questions[i] for i in R.heldout_ids]
+        else:
+            rows = prepare.load(name, "test", progress=False)
+        if cfg.eval_limit is not None and len(rows) > cfg.eval_limit:
+            keep = sorted(random.Random(cfg.seed).sample(range(len(rows)), cfg.eval_limit))
+            rows = [rows[i] for i in keep]
+        items += [(name, r) for r in rows]
+    return items
+
+
+def stage_eval(R: Run, folder: Path, t: int) -> dict:
+    """Greedy decoding, the student choosing its strategy: accuracy per set with a 95% Wilson
+    interval, the share of each strategy chosen and the accuracy within each."""
+    cfg = R.cfg
+
+    def generate_chunk(model, chunk: list[tuple[str, dict]], i: int) -> list[dict]:
+        if R.tagged:
+            prompts = [S.student_prompt(r["question"]) for _, r in chunk]
+        else:
+            prompts = [S.single_prompt(r["question"], cfg.strategies[0]) for _, r in chunk]
+        outs = [o[0] for o in R.generate(model, prompts, 1, cfg.eval_max_new_tokens)]
+        parsed = [parse_output(R, c.text) for c in outs]
+        texts, strategies = [b for _, b in parsed], [s for s, _ in parsed]
+        preds, correct = score(texts, strategies, [r["answer"] for _, r in chunk], cfg.rel_tol)
+        rows = []
+        for (name, r), c, s, p, ok in zip(chunk, outs, strategies, preds, correct, strict=True):
+            row = dict(set=name, id=r["id"], strategy=s, text=c.text, pred=p, answer=r["answer"])
+            rows.append(row | dict(correct=ok, **_finish(c)))
+        return rows
+
+    load, size = lambda: R.load_model(R.student(t)), cfg.chunk_size
+    rows, tok_s = run_chunks(R, folder, eval_items(R), size, load, generate_chunk, f"iter{t} eval")
+    if not R.d.main:
+        return {}
+    results = {}
+    for name in (*cfg.eval_sets, HELDOUT):
+        rs = [r for r in rows if r["set"] == name]
+        k, n = sum(r["correct"] for r in rs), len(rs)
+        per = {}
+        for s in sorted({r["strategy"] or "none" for r in rs}):
+            ss = [r for r in rs if (r["strategy"] or "none") == s]
+            c = sum(r["correct"] for r in ss)
+            per[s] = {"n": len(ss), "share": len(ss) / n, "correct": c, "accuracy": c / len(ss)}
+        results[name] = {
+            "n": n,
+            "correct": k,
+            "accuracy": k / n if n else 0.0,
+            "ci95": list(wilson(k, n)),
+            "strategies": per,
+        }
+    write_jsonl(folder / "predictions.jsonl", rows)
+    write_json(
+        folder / "eval.json",
+        {
+            "iteration": t,
+            "student": str(R.student(t).relative_to(R.dir)),
+            "rel_tol": cfg.rel_tol,
+            "sets": results,
+        },
+    )
+    R.log(f"iter{t} eval: " + ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in results.items()))
+    return {
+        "gen_tok_s": tok_s,
+        "tokens": sum(r["n_tokens"] for r in rows),
+        "accuracy": {k: v["accuracy"] for k, v in results.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def _bar(share: float, width: int = 24) -> str:
+    n = round(share * width)
+    return "█" * n + "·" * (width - n)
+
+
+def _chart_line(t: int, label: str, strategy: str, share: float) -> str:
+    return f"iter{t} {label:<11} {strategy:<5} {_bar(share)} {share:6.1%}"
+
+
+def _done(folder: Path) -> dict | None:
+    return read_json(folder / "DONE") if is_done(folder) else None
+
+
+def write_report(R: Run) -> None:
+    """runs/<name>/report.md from the finished stages' files (rank 0, after every stage)."""
+    cfg = R.cfg
+    sets = [*cfg.eval_sets, HELDOUT]
+    iters = [t for t in range(1, cfg.iterations + 1) if (R.dir / f"iter{t}").is_dir()]
+    L = [
+        f"# SIKeD run `{R.dir.name}`",
+        "",
+        f"Rewritten {time.strftime('%Y-%m-%d %H:%M:%S')} after each stage by siked.py.",
+    ]
+    if cfg.quick:
+        L += [
+            "",
+            "**A --quick run**: scaled down to finish in minutes on a CPU; its numbers say "
+            "the pipeline works, not what the method achieves.",
+        ]
+    L += ["", "## Config", "", "| setting | value |", "|---|---|"]
+    variant = (
+        "single strategy (untagged)"
+        if not R.tagged
+        else f"{cfg.bias}-biased SIKeD"
+        if cfg.bias
+        else "SIKeD (Combined start)"
+    )
+    teacher_done = _done(R.dir / "teacher")
+    shown = {
+        "model": cfg.model,
+        "variant": variant,
+        "strategies": ", ".join(cfg.strategies),
+        "teacher": teacher_done["source"] if teacher_done else "(not run yet)",
+        "iterations": cfg.iterations,
+        "mix": cfg.mix
+        + (f", forced alpha {cfg.mix_rate}" if cfg.mix_rate is not None else "")
+        + (", off-policy" if cfg.off_policy else ""),
+        "retraining": "from the base model" if cfg.from_base else "continual (merge, new LoRA)",
+        "training": (
+            "full fine-tuning"
+            if cfg.full_finetune
+            else f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}"
+        )
+        + f", lr {cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs, max_seq_len "
+        f"{cfg.max_seq_len}, loss on {cfg.loss_on}, {cfg.dtype}",
+        "sampling": f"{cfg.samples} per (question, strategy), {cfg.sampling}, T={cfg.temperature},"
+        f" top-p {cfg.top_p}, {cfg.sample_max_new_tokens} new tokens",
+        "evaluation": f"greedy, {cfg.eval_max_new_tokens} new tokens, rel_tol {cfg.rel_tol}, "
+        + (f"{cfg.eval_limit} questions per set" if cfg.eval_limit else "full sets"),
+        "questions": f"{len(R.train_ids)} training, {len(R.heldout_ids)} held out (GSM8K train)",
+    }
+    L += [f"| {k} | {v} |" for k, v in shown.items()]
+    L += ["", "Every setting: `config.json`."]
+
+    L += [
+        "",
+        "## Data per iteration",
+        "",
+        "| iteration | teacher rows (D_LLM) | self-generated kept / samples | alpha | "
+        "training rows | packed sequences | steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in iters:
+        it = R.dir / f"iter{t}"
+        tr, fi, mx = _done(it / "train"), _done(it / "filter"), _done(it / "mix")
+        per = lambda d, key: ", ".join(f"{s} {v[key] if key else v}" for s, v in d.items())
+        if t == 1:  # iteration 1 trains on teacher rows only
+            teach, selfgen, alpha = (per(tr["per_strategy"], None) if tr else ""), "-", "1.000"
+        else:
+            teach = per(mx["per_strategy"], "teacher") if mx else ""
+            kept = lambda v: f"{v['kept']}/{v['samples']}"
+            selfgen = (
+                ", ".join(f"{s} {kept(v)}" for s, v in fi["per_strategy"].items()) if fi else ""
+            )
+            alpha = f"{mx['alpha']:.3f}" if mx else ""
+        train_cells = [str(tr[k]) if tr else "" for k in ("rows", "sequences", "steps")]
+        L.append(f"| {t} | {teach} | {selfgen} | {alpha} | " + " | ".join(train_cells) + " |")
+
+    L += [
+        "",
+        "## Accuracy",
+        "",
+        f"Accuracy (%) with a 95% Wilson interval; `{HELDOUT}` is the held-out 10% of GSM8K "
+        "train, used only to choose an iteration.",
+        "",
+        "| iteration | " + " | ".join(sets) + " |",
+        "|---" * (len(sets) + 1) + "|",
+    ]
+    evals = {
+        t: read_json(R.dir / f"iter{t}" / "eval" / "eval.json")["sets"]
+        for t in iters
+        if is_done(R.dir / f"iter{t}" / "eval")
+    }
+    for t, res in evals.items():
+        cells = [
+            f"{100 * res[s]['accuracy']:.1f} [{100 * res[s]['ci95'][0]:.1f}, "
+            f"{100 * res[s]['ci95'][1]:.1f}] (n={res[s]['n']})"
+            for s in sets
+        ]
+        L.append(f"| {t} | " + " | ".join(cells) + " |")
+    if len(evals) > 1:
+        first, last = evals[min(evals)], evals[max(evals)]
+        gains = [f"{100 * (last[s]['accuracy'] - first[s]['accuracy']):+.1f}" for s in sets]
+        L.append(f"| gain, iteration {max(evals)} - 1 | " + " | ".join(gains) + " |")
+    key = next((k for k in PAPER_GAINS if k in Path(cfg.model).name.lower()), None)
+    if key:
+        L.append(
+            f"| paper's gain ({key}) | "
+            + " | ".join(PAPER_GAINS[key].get(s, "") for s in sets)
+            + " |"
+        )
+    L += [
+        "",
+        "The paper's gains (SPEC.md section 4) are SIKeD minus the best single-strategy or "
+        "Combined baseline; ours are the last iteration minus iteration 1 (Combined).",
+    ]
+    if evals:
+        best = max(evals, key=lambda t: (evals[t][HELDOUT]["accuracy"], -t))
+        where = R.student(best).relative_to(R.dir)
+        L.append(f"Best iteration on {HELDOUT}: **{best}** (student `{where}`).")
+
+    L += [
+        "",
+        "## Strategy mix",
+        "",
+        "Each training set by strategy (with its teacher and student rows), and the strategy "
+        "the student chose on each evaluation set (`none`: no tag).",
+        "",
+    ]
+    chart = []
+    for t in iters:
+        it, lines = R.dir / f"iter{t}", []
+        tr, mx = _done(it / "train"), _done(it / "mix")
+        if tr:
+            total = sum(tr["per_strategy"].values())
+            for s, n in tr["per_strategy"].items():
+                src = mx["per_strategy"][s] if mx else {"teacher": n, "student": 0}
+                lines.append(
+                    _chart_line(t, "train", s, n / total)
+                    + f"  (teacher {src['teacher']}, student {src['student']})"
+                )
+        for name in cfg.eval_sets if t in evals else ():
+            for s, v in evals[t][name]["strategies"].items():
+                lines.append(
+                    _chart_line(t, name, s, v["share"])
+                    + f"  (accuracy {v['accuracy']:.1%}, n={v['n']})"
+                )
+        chart += [*lines, ""] if lines else []
+    L += ["```", *chart[:-1], "```"] if chart else ["(no iteration trained yet)"]
+
+    L += ["", "## Wall time", "", "| stage | wall time | throughput |", "|---|---|---|"]
+    folders = [("teacher", R.dir / "teacher")] + [
+        (f"iter{t} {s}", R.dir / f"iter{t}" / s)
+        for t in iters
+        for s in ("sample", "filter", "mix", "train", "eval")
+    ]
+    for label, folder in folders:
+        info = _done(folder)
+        if info:
+            rates = {"train_tok_s": "trained", "sample_tok_s": "sampled", "gen_tok_s": "decoded"}
+            rate = " ".join(f"{info[k]} tok/s {v}" for k, v in rates.items() if info.get(k))
+            L.append(f"| {label} | {info['wall_s'] / 60:.1f} min | {rate} |")
+
+    L += [
+        "",
+        "## Files",
+        "",
+        "- `config.json`, `split.json` (training / held-out ids), `log.txt`",
+        "- `teacher/teacher.jsonl` every teacher row; `teacher/selected.jsonl` one per "
+        "(question, strategy)",
+        "- `iter1/train/data.jsonl`, `iterT/mix/train.jsonl`: each training set; every row has "
+        "its `source` (teacher/student), `iteration` and `strategy`, student rows their `seed`, "
+        "`sample` and `verdict`, teacher rows their `teacher` (gold, http:..., local:...)",
+        "- `iterT/filter/samples.jsonl`: every student sample with its verdict; `kept.jsonl`",
+        "- `iterT/train/student/`: the merged student (HF layout); "
+        "`iterT/eval/predictions.jsonl`, `eval.json`",
+    ]
+    atomic_write(R.dir / "report.md", "\n".join(L) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def plan(R: Run) -> list[tuple[str, Path, list[Path], object, int]]:
+    """(stage, folder, the folders it needs finished, function, iteration), in order."""
+    steps = [("teacher", R.dir / "teacher", [], stage_teacher, 0)]
+    for t in range(1, R.cfg.iterations + 1):
+        it = R.dir / f"iter{t}"
+        if t > 1:
+            steps += [
+                ("sample", it / "sample", [R.dir / f"iter{t - 1}" / "train"], stage_sample, t),
+                ("filter", it / "filter", [it / "sample"], stage_filter, t),
+                ("mix", it / "mix", [it / "filter"], stage_mix, t),
+            ]
+        steps += [
+            ("train", it / "train", [it / "mix" if t > 1 else R.dir / "teacher"], stage_train, t),
+            ("eval", it / "eval", [it / "train"], stage_eval, t),
+        ]
+    return steps
+
+
+def run(R: Run) -> int:
+    """Run every unfinished stage in order (--only: that stage wherever its inputs are ready).
+    Returns the number of stages run."""
+    only, ran = R.cfg.only, 0
+    if only == "report":
+        if R.d.main:
+            write_report(R)
+        return 1
+    for name, folder, needs, fn, t in plan(R):
+        if is_done(folder) or (only and name != only):
+            continue
+        missing = [n for n in needs if not is_done(n)]
+        if missing:  # only with --only: the stages before it come first
+            if not ran:
+                fail(
+                    f"--only {only}: {missing[0].relative_to(R.dir)} is not finished; "
+                    "run without --only first"
+                )
+            break
+        R.release_log()
+        R.log(f"stage {folder.relative_to(R.dir)}")
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        stats = fn(R, folder, t)
+        if R.d.main:
+            write_json(folder / "DONE", {"wall_s": round(time.time() - t0, 1), **stats})
+            # training checkpoints are done with, and so are files a kill left half-written
+            for scratch in [*folder.glob("*.pt"), *folder.rglob(".*.tmp*")]:
+                if scratch.is_file():
+                    scratch.unlink()
+            write_report(R)
+        R.d.barrier()
+        ran += 1
+    return ran
+
+
+def resolve_lr(cfg: RunConfig) -> float:
+    """2e-4, and 3e-4 for the qwen2 family ([R]'s configs), unless given."""
+    if cfg.lr is not None:
+        return cfg.lr
+    ckpt = resolve_checkpoint(cfg.model)
+    family = ModelConfig.from_hf_config(read_json(Path(ckpt) / "config.json")).family
+    return 3e-4 if family == "qwen2" else 2e-4
+
+
+def check_config(cfg: RunConfig, world: int) -> None:
+    """Every bad setting as a one-line error naming it."""
+    if not cfg.strategies:
+        fail("--strategies: expected some of cot,l2m,pot")
+    for s in cfg.strategies:
+        if s not in S.STRATEGIES:
+            fail(f"--strategies {s}: expected some of {', '.join(S.STRATEGIES)}")
+    if len(set(cfg.strategies)) != len(cfg.strategies):
+        fail(f"--strategies {','.join(cfg.strategies)}: a strategy is repeated")
+    for name in cfg.eval_sets:
+        if name not in prepare.SPLITS or "test" not in prepare.SPLITS[name]:
+            fail(f"--eval-sets {name}: expected some of gsm8k, svamp, asdiv, multiarith")
+    if cfg.bias and (cfg.bias not in cfg.strategies or len(cfg.strategies) < 2):
+        fail(f"--bias {cfg.bias}: needs several strategies including {cfg.bias}")
+    if cfg.teacher_url and not cfg.teacher_model:
+        fail("--teacher-url needs --teacher-model (the model name the server knows)")
+    if cfg.teacher_url and cfg.teacher_local:
+        fail("--teacher-url and --teacher-local: give one teacher")
+    if cfg.off_policy and not (cfg.teacher_url or cfg.teacher_local):
+        fail(
+            "--off-policy needs an LLM teacher (--teacher-url or --teacher-local): the gold "
+            "teacher has one solution per (question, strategy), none to spare"
+        )
+    if cfg.mix_rate is not None and not 0.0 <= cfg.mix_rate <= 1.0:
+        fail(f"--mix-rate {cfg.mix_rate}: expected a value in [0, 1]")
+    positive = "iterations samples epochs batch_size micro_batch_size max_seq_len chunk_size "
+    positive += "gen_batch_size sample_max_new_tokens eval_max_new_tokens lora_r ckpt_every"
+    for k in positive.split() + ["teacher_samples"]:
+        if getattr(cfg, k) < 1:
+            fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: expected a positive integer")
+    for k in ("rel_tol", "temperature", "weight_decay", "grad_clip", "warmup_steps"):
+        if getattr(cfg, k) < 0:
+            fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: expected a value >= 0")
+    if not 0.0 < cfg.top_p <= 1.0:
+        fail(f"--top-p {cfg.top_p}: expected a value in (0, 1]")
+    if cfg.lr is not None and cfg.lr <= 0:
+        fail(f"--lr {cfg.lr}: expected a positive learning rate")
+    for k in ("train_limit", "eval_limit"):
+        if getattr(cfg, k) is not None and getattr(cfg, k) < 1:
+            fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: expected a positive integer")
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        fail(
+            f"--batch-size {cfg.batch_size}: expected a multiple of --micro-batch-size "
+            f"{cfg.micro_batch_size} x {world} processes"
+        )
+    if not 0.0 < cfg.heldout_frac < 1.0:
+        fail(f"--heldout-frac {cfg.heldout_frac}: expected a value in (0, 1)")
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    parts = [Path(cfg.model.rstrip("/")).name.lower()]
+    if tuple(cfg.strategies) != RunConfig.strategies:
+        parts.append("-".join(cfg.strategies))
+    parts += [f"bias-{cfg.bias}"] if cfg.bias else []
+    parts += ["mix-all"] if cfg.mix == "all" else []
+    parts += [f"rate-{cfg.mix_rate}"] if cfg.mix_rate is not None else []
+    parts += ["off-policy"] if cfg.off_policy else []
+    parts += ["from-base"] if cfg.from_base else []
+    parts += ["full-ft"] if cfg.full_finetune else []
+    parts += ["quick"] if cfg.quick else []
+    return "-".join(parts)
+
+
+def main(cfg: RunConfig) -> Path:
+    """Run (or resume) SIKeD as configured; returns the run folder."""
+    d, device = setup_distributed(cfg.device)
+    check_config(cfg, d.world)
+    if cfg.dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        cfg = dataclasses.replace(cfg, dtype="bfloat16" if bf16 else "float32")
+    try:
+        cfg = dataclasses.replace(
+            cfg, lr=resolve_lr(cfg), run_name=cfg.run_name or default_run_name(cfg)
+        )
+        tok = Tokenizer.from_pretrained(cfg.model)
+        gsm8k = prepare.load("gsm8k", "train", progress=d.main)
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"{e}".splitlines()[0] if str(e) else f"--model {cfg.model}: {type(e).__name__}")
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    saved = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, like the file
+    if (run_dir / "config.json").is_file():
+        old = read_json(run_dir / "config.json")
+        diff = [k for k in saved if k not in RERUN_FREE and old.get(k) != saved[k]]
+        if diff:
+            changes = ", ".join(f"{k}: {old.get(k)} -> {saved[k]}" for k in diff)
+            fail(f"{run_dir} holds a run with other settings ({changes}); pass another --run-name")
+    elif d.main:
+        write_json(run_dir / "config.json", saved)
+    d.barrier()
+
+    # the held-out split: 10% of all GSM8K training ids, seed 42 (SPEC section 2)
+    ids = [r["id"] for r in gsm8k]
+    random.Random(cfg.seed).shuffle(ids)
+    n_held = round(cfg.heldout_frac * len(ids))
+    heldout, train_ids = ids[:n_held], ids[n_held:][: cfg.train_limit]  # limit: a random subset
+    order = {r["id"]: i for i, r in enumerate(gsm8k)}
+    heldout.sort(key=order.get)
+    train_ids.sort(key=order.get)
+    R = Run(cfg, run_dir, d, device, tok, {r["id"]: r for r in gsm8k}, train_ids, heldout)
+    if d.main and not (run_dir / "split.json").is_file():
+        write_json(run_dir / "split.json", {"train": train_ids, "heldout": heldout})
+    R.log(f"config ({run_dir / 'config.json'}): {json.dumps(saved)}")
+    if cfg.quick:
+        R.log(
+            f"--quick: a scaled-down run ({len(train_ids)} training questions, "
+            f"{cfg.eval_limit} per eval set, {cfg.iterations - 1} SIKeD iteration(s), "
+            f"{cfg.samples} sample(s) per strategy, {cfg.epochs} epoch(s)): "
+            "not the paper's settings"
+        )
+    ran = run(R)
+    R.log(f"done: {run_dir / 'report.md'}" if ran else f"nothing to do: {run_dir} is finished")
+    if d.world > 1:
+        dist.destroy_process_group()
+    return run_dir
+
+
+# The command line: one flag per RunConfig field, grouped; the type follows the default.
+FLAGS = {
+    "model and run": {
+        "model": "alias (model.ALIASES), HF repo id or local folder",
+        "run_name": "folder under --runs-dir (default: the model and the variant flags)",
+        "runs_dir": "where runs live",
+        "quick": f"a small run for a laptop CPU, minutes with a 135M model: {QUICK}",
+        "only": "run only this stage, wherever its inputs are finished",
+        "iterations": "T; iteration 1 distils the teacher data, 2..T are SIKeD iterations",
+    },
+    "data and teacher": {
+        "strategies": "comma list of cot,l2m,pot; a single one trains that untagged baseline",
+        "train_limit": "training questions, from the 90%% not held out (default: all)",
+        "eval_sets": "comma list of gsm8k,svamp,asdiv,multiarith",
+        "eval_limit": "questions per evaluation set, a seeded subset (default: all)",
+        "heldout_frac": "share of GSM8K train held out, to choose an iteration (never trained on)",
+        "rel_tol": "relative tolerance of an answer; 0 = exact, as the paper",
+        "teacher_url": "OpenAI-compatible teacher server (default: the gold teacher)",
+        "teacher_model": "the teacher's model name on that server",
+        "teacher_local": "a teacher model (alias or folder) sampled in-process",
+        "teacher_samples": "samples per question and strategy from an LLM teacher",
+    },
+    "SIKeD variants": {
+        "samples": "student samples per question and strategy",
+        "sampling": "forced: each strategy's tag written for it; free: the student picks",
+        "temperature": "sampling temperature",
+        "top_p": "sampling nucleus",
+        "mix": "adaptive: teacher rows only where the student failed; all: the union",
+        "mix_rate": "force alpha (the teacher share) by subsampling the teacher part",
+        "bias": "biased SIKeD: one solution per question, preferring this strategy",
+        "off_policy": "replace the student's samples with as many extra teacher samples",
+        "from_base": "retrain from the base model every iteration instead of continually",
+    },
+    "training": {
+        "full_finetune": "train every weight instead of a LoRA adapter",
+        "lora_r": "LoRA rank",
+        "lora_alpha": "LoRA alpha (scale alpha / r)",
+        "lr": "peak learning rate (default: 2e-4, 3e-4 for the qwen2 family)",
+        "warmup_steps": "linear warmup steps",
+        "weight_decay": "AdamW weight decay",
+        "batch_size": "packed sequences per optimizer step, over all processes",
+        "micro_batch_size": "sequences per forward/backward (gradient accumulation)",
+        "epochs": "epochs per iteration",
+        "max_seq_len": "tokens per packed sequence",
+        "loss_on": "all: prompt and response, as the authors; response: the solution only",
+        "grad_clip": "gradient norm clipping (0: off)",
+        "ckpt_every": "optimizer steps between resumable checkpoints",
+        "activation_checkpointing": "recompute each block in the backward pass",
+    },
+    "system": {
+        "seed": "seed of the split, the data order, LoRA's init and sampling",
+        "device": "auto, cpu or cuda",
+        "dtype": "weights and autocast; auto: bfloat16 on CUDA, float32 on CPU",
+        "compile": "torch.compile the model for training and sample.py's decode step",
+        "chunk_size": "sequences per sampling/evaluation chunk, the unit of resumption",
+        "gen_batch_size": "sequences decoded together by sample.generate",
+    },
+}
+CHOICES = {
+    "only": STAGES,
+    "sampling": ("forced", "free"),
+    "mix": ("adaptive", "all"),
+    "bias": tuple(BIAS_ORDERS),
+    "loss_on": ("all", "response"),
+    "dtype": ("auto", "float32", "bfloat16"),
+}
+TYPES = {"train_limit": int, "eval_limit": int, "lr": float, "mix_rate": float}
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    p = argparse.ArgumentParser(
+        prog="siked.py",
+        description=__doc__.split("\n\n")[1],
+        argument_default=argparse.SUPPRESS,  # only the flags given: --quick fills in the rest
+    )
+    defaults = RunConfig()
+    csv = lambda s: tuple(x for x in s.split(",") if x)
+    for group, flags in FLAGS.items():
+        g = p.add_argument_group(group)
+        for name, text in flags.items():
+            flag, default = "--" + name.replace("_", "-"), getattr(defaults, name)
+            if isinstance(default, bool):
+                g.add_argument(flag, action="store_true", help=text)
+                continue
+            kind = (
+                csv
+                if isinstance(default, tuple)
+                else TYPES.get(name, str if default is None else type(default))
+            )
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            text += "" if "default" in text or default is None else f" (default {shown})"
+            g.add_argument(flag, type=kind, choices=CHOICES.get(name), help=text,
+                           required=name == "model")  # fmt: skip
+        if group == "SIKeD variants":
+            g.add_argument("--max-new-tokens", type=int, help="sampling and evaluation both "
+                           "(default 512 and 1024)")  # fmt: skip
+    args = vars(p.parse_args(argv))
+    n = args.pop("max_new_tokens", None)
+    if n is not None:
+        args.update(sample_max_new_tokens=n, eval_max_new_tokens=n)
+    if args.get("quick"):  # --quick's settings, where no flag says otherwise
+        args = {**QUICK, **args}
+    return RunConfig(**args)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except KeyboardInterrupt:
+        fail("interrupted; the same command resumes from the last finished chunk or checkpoint")

@@ -1,0 +1,319 @@
+"""siked.py's SIKeD loop: the mix and alpha, the biased variant, the CLI's errors, and the whole
+loop end to end on the real SmolLM2-135M-Instruct with the gold teacher, killed and resumed.
+
+Oracles: hand-made rows (which pairs get teacher rows, alpha by hand), the Wilson interval's
+textbook value, and, for resumption, an uninterrupted run with the same seed: sampling is seeded
+per chunk and training resumes from its exact state, so the files must be equal byte for byte.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import siked
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def row(qid, strategy, source, text="x"):
+    return {"id": qid, "strategy": strategy, "text": text, "source": source}
+
+
+# ------------------------------------------------------------------------------------------- mix
+
+
+def hand_made():
+    # the teacher solved q1 with cot and pot, q2 with cot, q3 with pot (D_LLM, 4 rows)
+    teacher = [
+        row("q1", "cot", "teacher"),
+        row("q1", "pot", "teacher"),
+        row("q2", "cot", "teacher"),
+        row("q3", "pot", "teacher"),
+    ]
+    # the student solved q1/cot, q2/cot and q2/pot (D_self, 3 rows)
+    student = [
+        row("q1", "cot", "student"),
+        row("q2", "cot", "student"),
+        row("q2", "pot", "student"),
+    ]
+    return teacher, student
+
+
+def pairs(rows, source):
+    return sorted((r["id"], r["strategy"]) for r in rows if r["source"] == source)
+
+
+def test_adaptive_mix_adds_teacher_rows_only_where_the_student_failed():
+    teacher, student = hand_made()
+    rows, alpha = siked.mix(teacher, student, "adaptive")
+    assert pairs(rows, "student") == [("q1", "cot"), ("q2", "cot"), ("q2", "pot")]
+    assert pairs(rows, "teacher") == [("q1", "pot"), ("q3", "pot")]
+    assert alpha == pytest.approx(2 / 5)
+
+
+def test_mix_all_is_the_union():
+    teacher, student = hand_made()
+    rows, alpha = siked.mix(teacher, student, "all")
+    assert len(rows) == 7 and alpha == pytest.approx(4 / 7)
+
+
+def test_mix_rate_forces_alpha_by_sampling_the_teacher_part():
+    teacher = [row(f"t{i}", "cot", "teacher") for i in range(40)]
+    student = [row(f"s{i}", "cot", "student") for i in range(10)]
+    rows, alpha = siked.mix(teacher, student, "adaptive", mix_rate=0.5)
+    assert alpha == pytest.approx(0.5) and len(rows) == 20
+    rows, alpha = siked.mix(teacher, student, "adaptive", mix_rate=0.8)
+    assert alpha == pytest.approx(0.8) and len(rows) == 50
+    _, alpha = siked.mix(teacher, student, "adaptive", mix_rate=0.9)  # needs 90 teacher rows
+    assert alpha == pytest.approx(40 / 50)  # as close as the 40 teacher rows allow
+    rows, alpha = siked.mix(teacher, student, "adaptive", mix_rate=0.0)
+    assert alpha == 0.0 and pairs(rows, "teacher") == []
+    rows, alpha = siked.mix(teacher, student, "adaptive", mix_rate=1.0)
+    assert alpha == 1.0 and len(rows) == 40
+    with pytest.raises(ValueError, match="mix_rate"):
+        siked.mix(teacher, student, "adaptive", mix_rate=1.5)
+
+
+def test_biased_selection_follows_the_priority_orders():
+    rows = [
+        row("q1", "cot", "teacher"),
+        row("q1", "pot", "student"),
+        row("q1", "l2m", "teacher"),
+        row("q2", "l2m", "student"),
+        row("q2", "cot", "teacher"),
+        row("q3", "l2m", "teacher"),
+    ]
+    chosen = lambda b: [
+        (r["id"], r["strategy"]) for r in siked.apply_bias(rows, siked.BIAS_ORDERS[b])
+    ]
+    assert chosen("cot") == [("q1", "cot"), ("q2", "cot"), ("q3", "l2m")]
+    assert chosen("pot") == [("q1", "pot"), ("q2", "cot"), ("q3", "l2m")]
+    assert chosen("l2m") == [("q1", "l2m"), ("q2", "l2m"), ("q3", "l2m")]
+
+
+def test_off_policy_puts_other_teacher_samples_in_the_students_place(tmp_path):
+    (tmp_path / "teacher").mkdir()
+    teacher_file = [
+        dict(row("q1", "cot", "local:m", "t1"), correct=True),
+        dict(row("q1", "cot", "local:m", "t2"), correct=True),
+        dict(row("q1", "cot", "local:m", "t3"), correct=False),
+        dict(row("q2", "pot", "local:m", "t4"), correct=True),
+    ]
+    siked.write_jsonl(tmp_path / "teacher" / "teacher.jsonl", teacher_file)
+    d_llm = [dict(teacher_file[0], source="teacher"), dict(teacher_file[3], source="teacher")]
+    student = [row("q1", "cot", "student", "s1"), row("q2", "pot", "student", "s2"),
+               row("q3", "cot", "student", "s3")]  # fmt: skip
+    R = SimpleNamespace(dir=tmp_path, log=lambda m: None)
+    rows, info = siked.off_policy_rows(R, student, d_llm)
+    assert [(r["id"], r["text"], r["source"]) for r in rows] == [
+        ("q1", "t2", "teacher"),  # the teacher's other correct sample of q1/cot
+        ("q2", "t4", "teacher"),  # no other one for q2/pot: D_LLM's own
+    ]  # q3/cot: the teacher never solved it, so no teacher row can stand in
+    assert info == {"extra_teacher": 1, "reused_teacher": 1, "dropped": 1}
+
+
+def test_wilson_interval():
+    lo, hi = siked.wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    assert siked.wilson(0, 10)[0] == 0.0 and siked.wilson(0, 0) == (0.0, 0.0)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--strategies", "cot,foo"], "--strategies foo"),
+        (["--eval-sets", "gsm8k,math"], "--eval-sets math"),
+        (["--bias", "pot", "--strategies", "cot,l2m"], "--bias pot"),
+        (["--off-policy"], "--off-policy needs an LLM teacher"),
+        (["--teacher-url", "http://x"], "--teacher-url needs --teacher-model"),
+        (["--mix-rate", "2"], "--mix-rate 2.0"),
+        (["--batch-size", "8", "--micro-batch-size", "3"], "--batch-size 8"),
+        (["--samples", "0"], "--samples 0"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(args, message, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        siked.main(siked.parse_args(["--model", "m", "--runs-dir", str(tmp_path), *args]))
+    assert str(e.value).startswith("siked: ") and message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_missing_model_is_a_one_line_error(tmp_path):
+    cmd = [
+        sys.executable,
+        "siked.py",
+        "--model",
+        str(tmp_path / "nope"),
+        "--runs-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env())
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("siked: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+# ----------------------------------------------------------------------------------- end to end
+
+# --quick, shrunk further so that the whole loop runs in about a minute on 2 idle CPU cores: 4
+# training questions, 2 per eval set (gsm8k, svamp and the held-out split), 1 sample, 32 new
+# tokens, 1 epoch of 4 batch-2 steps with a checkpoint after every step (so that a kill during
+# training has one to resume from), chunks of 4 sequences (2 questions x 2 strategies: sampling
+# has 2 chunks).
+TINY = [
+    "--quick", "--train-limit", "4", "--eval-limit", "2", "--eval-sets", "gsm8k,svamp",
+    "--samples", "1", "--max-new-tokens", "32", "--epochs", "1", "--max-seq-len", "192",
+    "--batch-size", "2", "--micro-batch-size", "2", "--ckpt-every", "1", "--chunk-size", "4",
+]  # fmt: skip
+
+
+def env():
+    # One thread per run: on a shared 2-core machine, 2-thread torch processes side by side
+    # slow each other down ~20x (OpenMP threads waiting on each other); alone, 1 is ~1.5x slower.
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    if "SIKED_DATA" not in e and SHARED.is_dir():
+        e["SIKED_DATA"] = str(SHARED)
+    return e
+
+
+def command(model_dir, runs):
+    return [sys.executable, "siked.py", "--model", str(model_dir), "--runs-dir", str(runs), *TINY]
+
+
+def siked_run(model_dir, runs, *extra):
+    proc = subprocess.run(
+        [*command(model_dir, runs), *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def run_until(model_dir, runs, marker: Path) -> str:
+    """Start a run and SIGKILL it as soon as `marker` exists; returns its output so far."""
+    proc = subprocess.Popen(
+        command(model_dir, runs), cwd=ROOT, env=env(), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.time() + 600
+    while not marker.exists():
+        assert proc.poll() is None, f"the run ended before {marker} appeared"
+        assert time.time() < deadline, f"{marker} did not appear"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    out = proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL
+    return out
+
+
+def tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+STAGE_FILES = [
+    "config.json", "split.json", "log.txt", "report.md",
+    "teacher/DONE", "teacher/teacher.jsonl", "teacher/selected.jsonl",
+    "iter1/train/DONE", "iter1/train/data.jsonl", "iter1/train/student/model.safetensors",
+    "iter1/train/student/config.json", "iter1/eval/DONE", "iter1/eval/eval.json",
+    "iter1/eval/predictions.jsonl", "iter2/sample/DONE", "iter2/sample/samples.jsonl",
+    "iter2/filter/DONE", "iter2/filter/samples.jsonl", "iter2/filter/kept.jsonl",
+    "iter2/mix/DONE", "iter2/mix/train.jsonl", "iter2/train/DONE",
+    "iter2/train/student/model.safetensors", "iter2/eval/DONE", "iter2/eval/eval.json",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_run(smollm2_dir, tmp_path_factory):
+    """One uninterrupted --quick run (shrunk), shared by the tests below."""
+    runs = tmp_path_factory.mktemp("runs")
+    out = siked_run(smollm2_dir, runs)
+    (folder,) = [p for p in runs.iterdir() if p.is_dir()]
+    return folder, out
+
+
+def test_quick_run_writes_every_stage_and_the_report(finished_run):
+    folder, out = finished_run
+    assert "--quick: a scaled-down run" in out
+    for f in STAGE_FILES:
+        assert (folder / f).is_file(), f
+    assert not list(folder.rglob("*.pt")), "training checkpoints are removed once a stage is done"
+    report = (folder / "report.md").read_text()
+    for section in ("## Config", "## Data per iteration", "## Accuracy", "## Strategy mix",
+                    "## Wall time", "## Files"):  # fmt: skip
+        assert section in report, section
+    assert "| 1 |" in report and "| 2 |" in report and "--quick" in report
+    # the eval file: every set, an interval around each accuracy, strategy shares summing to 1
+    ev = json.loads((folder / "iter2/eval/eval.json").read_text())
+    assert set(ev["sets"]) == {"gsm8k", "svamp", siked.HELDOUT}
+    for res in ev["sets"].values():
+        assert res["n"] == 2 and res["ci95"][0] <= res["accuracy"] <= res["ci95"][1]
+        assert sum(s["share"] for s in res["strategies"].values()) == pytest.approx(1.0)
+    # provenance: every training row says where it came from; alpha is the teacher share
+    mix = json.loads((folder / "iter2/mix/DONE").read_text())
+    rows = [json.loads(x) for x in (folder / "iter2/mix/train.jsonl").read_text().splitlines()]
+    assert {r["source"] for r in rows} <= {"teacher", "student"}
+    assert mix["alpha"] == pytest.approx(sum(r["source"] == "teacher" for r in rows) / len(rows))
+    samples = (folder / "iter2/filter/samples.jsonl").read_text().splitlines()
+    sample = json.loads(samples[0])
+    assert {"id", "iteration", "strategy", "seed", "source", "verdict", "pred"} <= set(sample)
+    assert len(samples) == 4 * 2  # 4 questions x (cot, pot: no socratic file for l2m) x 1
+    split = json.loads((folder / "split.json").read_text())
+    assert len(split["train"]) == 4 and not set(split["train"]) & set(split["heldout"])
+
+
+def test_a_rerun_does_nothing_and_another_config_is_refused(finished_run, smollm2_dir):
+    folder, _ = finished_run
+    before = tree(folder)
+    out = siked_run(smollm2_dir, folder.parent)
+    assert "nothing to do" in out
+    assert tree(folder) == before
+    proc = subprocess.run(
+        [*command(smollm2_dir, folder.parent), "--samples", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env(),
+    )  # fmt: skip
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1
+    assert "holds a run with other settings (samples: 1 -> 2)" in proc.stderr
+
+
+def test_kill_during_training_and_sampling_then_resume(finished_run, smollm2_dir, tmp_path):
+    """kill -9 while iteration 1 trains and while iteration 2 samples; the reruns resume, redo
+    nothing finished, and end with the same files as the uninterrupted run."""
+    reference, _ = finished_run
+    runs = tmp_path / "runs"
+    folder = runs / reference.name
+
+    run_until(smollm2_dir, runs, folder / "iter1/train/ckpt.pt")
+    assert is_done(folder / "teacher") and not is_done(folder / "iter1/train")
+    teacher_done = tree(folder / "teacher")
+
+    out = run_until(smollm2_dir, runs, folder / "iter2/sample/chunks/00000.jsonl")
+    assert "iter1 train: resuming from" in out
+    assert tree(folder / "teacher") == teacher_done  # not redone
+    assert not is_done(folder / "iter2/sample")
+    kept = tree(folder / "iter1") | {"chunk0": tree(folder / "iter2/sample/chunks")["00000.jsonl"]}
+
+    out = siked_run(smollm2_dir, runs)
+    assert "iter2 sample: 1/2 chunks already on disk, resuming" in out
+    assert "stage teacher" not in out and "stage iter1" not in out
+    after = tree(folder / "iter1") | {"chunk0": tree(folder / "iter2/sample/chunks")["00000.jsonl"]}
+    assert after == kept  # nothing finished was redone
+
+    for f in ("iter2/sample/samples.jsonl", "iter2/filter/samples.jsonl", "iter2/mix/train.jsonl",
+              "iter1/train/student/model.safetensors", "iter2/train/student/model.safetensors",
+              "iter2/eval/predictions.jsonl", "iter2/eval/eval.json"):  # fmt: skip
+        assert (folder / f).read_bytes() == (reference / f).read_bytes(), f
+
+
+def is_done(folder: Path) -> bool:
+    return (folder / "DONE").is_file()
