@@ -326,7 +326,7 @@ class Example:
 def tokenize_example(tok: Tokenizer, prompt: str, response: str) -> Example:
     """Prompt and response are encoded apart: at inference the model continues the prompt's own
     tokens (sample.py encodes the prompt alone, with BOS)."""
-    p = tok.encode(prompt, bos=True)
+    p = tok.encode(prompt, bos=tok.add_bos)
     return Example(p + tok.encode(response) + [tok.eos_id], len(p))
 
 
