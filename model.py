@@ -185,12 +185,20 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if kv_cache is not None:
             k, v = kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, hd)
-        # enable_gqa lets n_heads / n_kv_heads query heads share a kv head without copying it
-        # (HF's repeat_kv); with a 4-D mask SDPA takes the fast CPU kernel, not the math one
         gqa = self.n_kv_heads != self.n_heads
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
-        )  # (B, n_heads, T, hd)
+        if T == 1 and gqa and mask is not None:
+            # Decoding: the n_heads / n_kv_heads query heads sharing a kv head become that head's
+            # query rows (heads are grouped consecutively), one plain SDPA call with a (B,1,1,S)
+            # mask; ~2x faster on CPU in bf16 than enable_gqa, which loops over heads.
+            q = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = y.reshape(B, self.n_heads, 1, hd)
+        else:
+            # enable_gqa shares kv heads without copying them (HF's repeat_kv); with a 4-D mask
+            # SDPA takes the fast CPU kernel, not the math one
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+            )  # (B, n_heads, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
 
 
