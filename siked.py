@@ -18,6 +18,7 @@ Run (one CPU, one GPU, or several GPUs through torchrun; each run lives in runs/
     python siked.py --model smollm-1.7b                      # the paper's settings, 3 iterations
     python siked.py --model smollm2-135m-instruct --quick    # a small run: minutes on a CPU
     torchrun --nproc_per_node 8 siked.py --model qwen2-1.5b  # DDP training, sharded sampling/eval
+    torchrun --nproc_per_node 8 siked.py --model qwen2-7b --full-finetune --fsdp  # sharded weights
     python siked.py --model smollm-1.7b --strategies cot     # the CoT-only baseline (untagged)
     python siked.py --model smollm-1.7b --bias pot           # PoT-biased SIKeD
     python siked.py --model smollm-1.7b --teacher-url http://host:8000/v1 --teacher-model llama3-70b
@@ -25,9 +26,9 @@ Run (one CPU, one GPU, or several GPUs through torchrun; each run lives in runs/
 Every stage is a folder closed by an atomic DONE marker (JSON: its numbers and wall time); a rerun
 skips finished stages, and an interrupted one resumes from its last chunk (sampling, evaluation) or
 checkpoint (training). runs/<name>/report.md is rewritten after every stage. Under torchrun each
-process trains a whole replica (DDP; every student of the paper fits one GPU with LoRA, so there is
-no FSDP), takes every world-th chunk of sampling and evaluation, and only rank 0 writes shared
-files.
+process trains a whole replica (DDP), or with --fsdp a shard of every weight, gradient and
+optimizer state (FSDP2, for a student that does not fit one device); each takes every world-th
+chunk of sampling and evaluation, and only rank 0 writes shared files.
 
 Departures from the paper, on purpose:
 1. Teacher: without --teacher-url/--teacher-local, the gold GSM8K rationales converted into each
@@ -71,6 +72,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -130,6 +138,7 @@ class RunConfig:
     grad_clip: float = 1.0
     ckpt_every: int = 50  # optimizer steps between resumable checkpoints
     activation_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, grads, optimizer state (FSDP2), not DDP
     # system
     seed: int = 42
     device: str = "auto"
@@ -160,7 +169,7 @@ BIAS_ORDERS = {
 }
 STAGES = ("teacher", "train", "eval", "sample", "filter", "mix", "report")
 # Settings a rerun into an existing run folder may change: where it is, what runs now, how far.
-RERUN_FREE = ("run_name", "runs_dir", "only", "iterations")
+RERUN_FREE = ("run_name", "runs_dir", "only", "iterations", "fsdp")  # fsdp: same math as DDP
 # SPEC.md section 4: SIKeD minus the best traditional distillation baseline, accuracy points.
 PAPER_GAINS = {
     "smollm-1.7b": {"gsm8k": "+3.4", "asdiv": "+0.8..1.6", "multiarith": "up to +5"},
@@ -423,6 +432,11 @@ def train(
     d = d or Dist()
     lr = cfg.lr
     assert lr is not None, "resolve cfg.lr first (resolve_lr)"
+    fsdp = cfg.fsdp and d.world > 1
+    if fsdp:  # one all-gather per block; the optimizer must then see the sharded parameters
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     decay = [p for p in params.values() if p.dim() >= 2]  # no decay on norms and biases, as HF
     no_decay = [p for p in params.values() if p.dim() < 2]
@@ -444,14 +458,15 @@ def train(
         len(examples[i].ids) - (1 if cfg.loss_on == "all" else examples[i].n_prompt) for i in b
     )
 
+    # checkpoints hold whole tensors keyed by name (gathered from the shards under FSDP)
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     step = 0
     if ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         assert state["trainable"].keys() == params.keys(), "checkpoint of another model/adapter"
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state["trainable"][n])
-        opt.load_state_dict(state["optimizer"])
+        set_state_dict(model, opt, model_state_dict=state["trainable"],
+                       optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))  # fmt: skip
         step = state["step"]
         log(f"{desc}: resuming from {ckpt_path} at step {step}/{total_steps}")
 
@@ -461,7 +476,7 @@ def train(
         enable_activation_checkpointing(model)
     model.train()
     net = torch.compile(model) if cfg.compile else model
-    if d.world > 1:
+    if d.world > 1 and not fsdp:
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     bar = tqdm(
@@ -479,14 +494,22 @@ def train(
         micro = [
             mine[j : j + cfg.micro_batch_size] for j in range(0, len(mine), cfg.micro_batch_size)
         ]
+        # every rank runs as many micro-batches (FSDP gathers weights in each forward), a rank
+        # short of data a dummy one
+        n_micro = max(1, math.ceil(math.ceil(len(batch) / d.world) / cfg.micro_batch_size))
+        micro += [None] * (n_micro - len(micro))
         for g in opt.param_groups:
             g["lr"] = get_lr(step, total_steps, lr, cfg.warmup_steps)
         loss_sum = torch.zeros((), device=device)
-        for j, mb in enumerate(micro or [None]):
-            sync = j == max(len(micro), 1) - 1  # DDP all-reduces on the last micro-batch only
-            no_sync = net.no_sync() if d.world > 1 and not sync else contextlib.nullcontext()
+        for j, mb in enumerate(micro):
+            sync = j == len(micro) - 1  # gradients are reduced on the last micro-batch only
+            no_sync = contextlib.nullcontext()
+            if fsdp:
+                model.set_requires_gradient_sync(sync)
+            elif d.world > 1 and not sync:
+                no_sync = net.no_sync()
             with no_sync, ctx:
-                if mb is None:  # a rank left without data this step still joins the all-reduce
+                if mb is None:  # a rank left without data still joins the collectives
                     loss = net(torch.full((1, 1), pad_id, device=device)).sum() * 0.0
                 else:
                     tokens, targets, input_pos, mask = (
@@ -494,7 +517,7 @@ def train(
                     )
                     tl = token_losses(net, tokens, targets, input_pos, mask).sum()
                     loss_sum += tl.detach()
-                    # DDP averages gradients over ranks: * world turns that back into a sum
+                    # DDP and FSDP average gradients over ranks: * world turns that into a sum
                     loss = tl / n_tokens * d.world
             loss.backward()
         if d.world > 1:
@@ -512,12 +535,12 @@ def train(
             loss=f"{loss_now:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{opt.param_groups[0]['lr']:.2e}"
         )
         done = step + 1
-        if ckpt_path is not None and d.main and done % cfg.ckpt_every == 0 and done < total_steps:
-            state = {"step": done, "trainable": {n: p.detach() for n, p in params.items()}}
-            state["optimizer"] = opt.state_dict()
-            tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp{os.getpid()}")
-            torch.save(state, tmp)
-            os.replace(tmp, ckpt_path)
+        if ckpt_path is not None and done % cfg.ckpt_every == 0 and done < total_steps:
+            trainable, optimizer = get_state_dict(model, opt, options=whole)  # all ranks
+            if d.main:
+                tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp{os.getpid()}")
+                torch.save({"step": done, "trainable": trainable, "optimizer": optimizer}, tmp)
+                os.replace(tmp, ckpt_path)
     bar.close()
     model.eval()
     wall = time.time() - t_start
@@ -823,6 +846,14 @@ def stage_train(R: Run, folder: Path, t: int) -> dict:
         add_lora(model, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed + t)
     ckpt, desc = folder / "ckpt.pt", f"iter{t} train"
     stats = train(model, examples, cfg, R.device, R.d, ckpt, desc, R.log, R.tok.pad_id)
+    if cfg.fsdp and R.d.world > 1:  # rank 0 gathers the shards into a whole model to save
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=whole)
+        if R.d.main:
+            model = R.load_model(base, training=True)
+            if not cfg.full_finetune:
+                add_lora(model, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed + t)
+            model.load_state_dict(state)
     if R.d.main:
         if not cfg.full_finetune:
             merge_lora(model)
@@ -1494,6 +1525,8 @@ FLAGS = {
         "grad_clip": "gradient norm clipping (0: off)",
         "ckpt_every": "optimizer steps between resumable checkpoints",
         "activation_checkpointing": "recompute each block in the backward pass",
+        "fsdp": "under torchrun, shard weights, gradients and optimizer state (FSDP2) "
+        "instead of DDP replicas: for a student that does not fit one device",
     },
     "system": {
         "seed": "seed of the split, the data order, LoRA's init and sampling",
