@@ -16,6 +16,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import siked
 
@@ -313,6 +315,33 @@ def test_kill_during_training_and_sampling_then_resume(finished_run, smollm2_dir
               "iter1/train/student/model.safetensors", "iter2/train/student/model.safetensors",
               "iter2/eval/predictions.jsonl", "iter2/eval/eval.json"):  # fmt: skip
         assert (folder / f).read_bytes() == (reference / f).read_bytes(), f
+
+
+def test_torchrun_fsdp_saves_the_student_of_one_process(finished_run, smollm2_dir, tmp_path):
+    """Two gloo processes with --fsdp: rank 0 gathers the shards and saves iteration 1's student,
+    equal to the one-process run's (same global batches); the sharded eval covers every set."""
+    reference, _ = finished_run
+    runs = tmp_path / "runs"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = [
+        *command(smollm2_dir, runs)[1:],
+        "--fsdp",
+        "--micro-batch-size",
+        "1",
+        "--iterations",
+        "1",
+    ]
+    proc = subprocess.run([*torchrun, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env())  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (folder,) = [p for p in runs.iterdir() if p.is_dir()]
+    student = "iter1/train/student/model.safetensors"
+    two, one = load_file(folder / student), load_file(reference / student)
+    assert two.keys() == one.keys()
+    for name, w in one.items():
+        torch.testing.assert_close(two[name], w, rtol=1e-4, atol=1e-5, msg=name)
+    ev = json.loads((folder / "iter1/eval/eval.json").read_text())
+    assert {k: v["n"] for k, v in ev["sets"].items()} == {"gsm8k": 2, "svamp": 2, siked.HELDOUT: 2}
 
 
 def is_done(folder: Path) -> bool:
