@@ -1,38 +1,27 @@
-"""
-The three reasoning strategies of SIKeD, the prompts built from them, and gold-teacher converters.
+"""SIKeD's three reasoning strategies, the prompts built from them, and the gold-teacher converters.
 
-Strategies (SPEC 1.1): chain of thought (`cot`), least-to-most (`l2m`, sub-questions answered in
-turn) and program of thought (`pot`, a Python program). A student's response starts with the
-strategy's tag (`[cot]: `, `[l2m]: `, `[pot]: `) and then the solution body; CoT and L2M bodies end
-with a line `Final Answer: <number>`, a PoT body is a program that sets `answer`.
+Strategies (SPEC 1.1): chain of thought `cot`, least-to-most `l2m` (sub-questions in turn), program
+of thought `pot`. A student's response is the strategy's tag (`[cot]: `) then the body: CoT and L2M
+bodies end with `Final Answer: <number>`, a PoT body is a program that sets `answer`.
 
     from strategies import student_prompt, forced_prompt, parse_solution, gold_pot
     student_prompt(question)            # the model writes the tag itself
     forced_prompt(question, "pot")      # the tag is already written (SIKeD's per-strategy sampling)
     parse_solution("[pot]: answer = 3") # ("pot", "answer = 3")
 
-Prompts follow the Alpaca layout of SPEC 1.2 (`### Instruction:` / `### Input:` / `### Response:`);
-all wording here is our own. The teacher prompts (`teacher_messages`) are 8-shot chat messages
-whose exemplars are GSM8K train questions (ids in TEACHER_EXEMPLAR_IDS, never to be evaluated on);
-their CoT and PoT solutions come from the gold converters below, their L2M solutions were written
-for this project (GSM8K's train_socratic file is not available here).
+Prompts use SPEC 1.2's Alpaca layout in our own wording. Departure from [R]: the single-strategy
+baselines' instruction names the strategy and its answer format, not only "solve the problem".
+Teacher prompts are 8-shot chats on GSM8K train exemplars (TEACHER_EXEMPLAR_IDS, never evaluated
+on) with L2M solutions written for this project (GSM8K's train_socratic file is not available).
 
-Gold converters turn a GSM8K rationale (its `answer` field: lines with calculator annotations
-`<<48/2=24>>`, ending `#### 72`) into solution bodies:
-- `gold_cot`: the rationale without annotations, then `Final Answer: <gold>`.
-- `gold_pot`: a program compiled from the annotations (and, where a step has none, from the
-  arithmetic written in the text): one named variable per step, later steps refer to earlier
-  results by name instead of repeating them as literals, and `answer = <variable>`. The program
-  must compute the gold answer; one that would have to state the gold number as a literal it did
-  not derive is not a conversion (`gold_pot_explain` says why a rationale was left out).
-- `gold_l2m`: from a socratic rationale (`Sub-question? ** step` lines), `Sub-question k:` /
-  `Answer to Sub-question k:` lines, then `Final Answer:`.
-
-Departure from [R] (SPEC 1.2): the single-strategy baselines' instruction names the strategy and
-its answer format instead of only asking to solve the problem.
+Gold converters turn a GSM8K rationale (annotations `<<48/2=24>>`, ending `#### 72`) into bodies:
+`gold_cot` drops the annotations, `gold_l2m` reads a socratic rationale (`Sub-question? ** step`
+lines), `gold_pot` compiles the arithmetic into a program, one named variable per step, that must
+compute the gold answer rather than copy it (`gold_pot_explain` says why a rationale failed).
 """
 
 import ast
+import builtins
 import keyword
 import math
 import re
@@ -50,36 +39,28 @@ class Strategy:
 
 STRATEGIES = {
     "cot": Strategy(
-        name="cot",
-        tag="[cot]: ",
-        instruction="Solve the math word problem by reasoning through it one step at a time.",
-        layout=(
-            "Plain sentences, one calculation per line, each showing its arithmetic. The last "
-            "line is `Final Answer: <number>`."
-        ),
+        "cot",
+        "[cot]: ",
+        "Solve the math word problem by reasoning through it one step at a time.",
+        "Plain sentences, one calculation per line, each showing its arithmetic. The last "
+        "line is `Final Answer: <number>`.",
     ),
     "l2m": Strategy(
-        name="l2m",
-        tag="[l2m]: ",
-        instruction=(
-            "Solve the math word problem by splitting it into smaller sub-questions and "
-            "answering them in order."
-        ),
-        layout=(
-            "Pairs of lines `Sub-question k: <question>` and `Answer to Sub-question k: "
-            "<answer with its arithmetic>`, k = 1, 2, ..., the last sub-question being the "
-            "problem's own question. The last line is `Final Answer: <number>`."
-        ),
+        "l2m",
+        "[l2m]: ",
+        "Solve the math word problem by splitting it into smaller sub-questions and "
+        "answering them in order.",
+        "Pairs of lines `Sub-question k: <question>` and `Answer to Sub-question k: "
+        "<answer with its arithmetic>`, k = 1, 2, ..., the last sub-question being the "
+        "problem's own question. The last line is `Final Answer: <number>`.",
     ),
     "pot": Strategy(
-        name="pot",
-        tag="[pot]: ",
-        instruction="Solve the math word problem by writing a Python program that computes it.",
-        layout=(
-            "A Python program, one named variable per quantity, computing the result from the "
-            "numbers in the problem and storing it in a variable named `answer`. It may import "
-            "math, fractions, decimal, datetime, itertools, functools and statistics."
-        ),
+        "pot",
+        "[pot]: ",
+        "Solve the math word problem by writing a Python program that computes it.",
+        "A Python program, one named variable per quantity, computing the result from the "
+        "numbers in the problem and storing it in a variable named `answer`. It may import "
+        "math, fractions, decimal, datetime, itertools, functools and statistics.",
     ),
 }
 
@@ -103,12 +84,16 @@ def _strategy(strategy: str) -> Strategy:
     return STRATEGIES[strategy]
 
 
-def _alpaca(instruction: str, question: str) -> str:
+def _question(question: str) -> str:
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question must be a non-empty str, got {question!r}")
+    return question.strip()
+
+
+def _alpaca(instruction: str, question: str) -> str:
     return (
         f"{_PREAMBLE}\n\n### Instruction:\n{instruction}\n\n"
-        f"### Input:\n{question.strip()}\n\n### Response:\n"
+        f"### Input:\n{_question(question)}\n\n### Response:\n"
     )
 
 
@@ -128,7 +113,6 @@ def single_prompt(question: str, strategy: str) -> str:
 
 
 def format_target(strategy: str, body: str) -> str:
-    """A tagged response: tag + body."""
     return _strategy(strategy).tag + body
 
 
@@ -136,15 +120,10 @@ _TAG_RE = re.compile(r"\s*\[\s*(cot|l2m|pot)\s*\]\s*:\s?", re.I)
 
 
 def parse_solution(text: str) -> tuple[str | None, str]:
-    """(strategy, body) of a tagged response; (None, text) when it has no known tag.
-
-    Inverse of format_target. The strategy is the bracketed name before the first `:` (SPEC 1.2);
-    case and spaces around the tag are forgiven.
-    """
+    """(strategy, body) of a tagged response, the inverse of format_target; (None, text) when it
+    has no known tag. Case and spaces around the tag are forgiven."""
     m = _TAG_RE.match(text)
-    if m is None:
-        return None, text
-    return m.group(1).lower(), text[m.end() :]
+    return (None, text) if m is None else (m.group(1).lower(), text[m.end() :])
 
 
 def training_example(question: str, strategy: str, body: str, tagged: bool = True):
@@ -179,31 +158,21 @@ _STOPWORDS = frozenset(
     what when where how all also after before into out up down over only just still total
     altogether together now per more less""".split()
 )
-_RESERVED = frozenset(
-    dir(__builtins__) if isinstance(__builtins__, dict) else dir(__import__("builtins"))
-) | {"answer", "math", "solution"}
-
-
-def _gold_text(rationale: str) -> str | None:
-    m = _GOLD_RE.search(rationale)
-    return m.group(1).replace(",", "").replace("$", "") if m else None
-
-
-def _format_number(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(float(x))
+_RESERVED = frozenset(dir(builtins)) | {"answer", "math", "solution"}  # no shadowed round()
 
 
 def _gold(rationale: str, answer: float | None) -> tuple[float | None, str | None]:
     """The gold number and how to write it: from `#### N`, else from `answer`."""
-    text = _gold_text(rationale)
-    if text is not None:
+    m = _GOLD_RE.search(rationale)
+    if m:
+        text = m.group(1).replace(",", "").replace("$", "")
         try:
             return float(text), text
         except ValueError:
             return None, None
-    if answer is not None:
-        return float(answer), _format_number(answer)
-    return None, None
+    if answer is None:
+        return None, None
+    return float(answer), str(int(answer)) if float(answer).is_integer() else repr(float(answer))
 
 
 def _body_lines(rationale: str) -> list[str]:
@@ -211,10 +180,7 @@ def _body_lines(rationale: str) -> list[str]:
 
 
 def gold_cot(rationale: str, answer: float | None = None) -> str | None:
-    """CoT body from a GSM8K rationale: annotations removed, then `Final Answer: <gold>`.
-
-    The gold number is read from `#### N`; `answer` is used when the rationale has no such line.
-    """
+    """CoT body from a GSM8K rationale: annotations removed, then `Final Answer: <gold>`."""
     _, gold = _gold(rationale, answer)
     if gold is None:
         return None
@@ -234,19 +200,6 @@ def gold_l2m(socratic_rationale: str, answer: float | None = None) -> str | None
         out.append(f"Sub-question {k}: {question.strip()}")
         out.append(f"Answer to Sub-question {k}: {_ANNOTATION_RE.sub('', step).strip()}")
     return "\n".join(out + [f"Final Answer: {gold}"])
-
-
-@dataclass
-class _Step:
-    name: str
-    expr: ast.expr  # operands already replaced by earlier steps' names
-    value: float
-    needs_math: bool = False
-
-
-def _literal(token: str) -> str:
-    """A canonical Python literal of a number token: `08` -> `8`, `.5` -> `0.5`."""
-    return str(int(token)) if re.fullmatch(r"\d+", token) else repr(float(token))
 
 
 _BINOPS = {
@@ -269,17 +222,19 @@ def _parse_arithmetic(text: str, percent: str) -> ast.expr | None:
     text = re.sub(r"(?<=[\d)])\s*\(", "*(", text)  # 14(2) and (1/4)(160) are products
     if not re.fullmatch(r"[\d.+\-*/() ]+", text):
         return None
-    text = re.sub(r"\d*\.?\d+", lambda m: _literal(m.group()), text)
+    # canonical literals: `08` -> `8`, `.5` -> `0.5`
+    text = re.sub(
+        r"\d*\.?\d+", lambda m: str(int(m[0])) if m[0].isdigit() else repr(float(m[0])), text
+    )
     try:
-        tree = ast.parse(text.strip(), mode="eval").body
+        nodes = list(ast.walk(ast.parse(text.strip(), mode="eval").body))
     except SyntaxError:
         return None
     ok = (ast.BinOp, ast.UnaryOp, ast.Constant, ast.USub, ast.UAdd, *_BINOPS)
-    if not all(isinstance(n, ok) for n in ast.walk(tree)):
+    if not all(isinstance(n, ok) for n in nodes):
         return None
-    if not any(isinstance(n, ast.BinOp) for n in ast.walk(tree)):
-        return None  # `<<27=27>>` states a number, it does not compute one
-    return tree
+    # `<<27=27>>` states a number, it does not compute one
+    return nodes[0] if any(isinstance(n, ast.BinOp) for n in nodes) else None
 
 
 def _evaluate(node: ast.expr, env: dict[str, float]) -> float:
@@ -288,33 +243,30 @@ def _evaluate(node: ast.expr, env: dict[str, float]) -> float:
         return node.value
     if isinstance(node, ast.Name):
         return env[node.id]
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+    if isinstance(node, ast.UnaryOp):  # - or +
         v = _evaluate(node.operand, env)
         return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+    if isinstance(node, ast.BinOp):
         return _BINOPS[type(node.op)](_evaluate(node.left, env), _evaluate(node.right, env))
-    if isinstance(node, ast.Call):  # round(x, k), int(x), math.ceil(x) that we added
-        v = _evaluate(node.args[0], env)
-        fn = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
-        if fn == "round":
-            return round(v, node.args[1].value) if len(node.args) > 1 else round(v)
-        return int(v) if fn == "int" else math.ceil(v)
-    raise ValueError(f"unexpected node {ast.dump(node)}")
+    v = _evaluate(node.args[0], env)  # a call we added: round(x, k), int(x) or math.ceil(x)
+    fn = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+    if fn == "round":
+        return round(v, node.args[1].value) if len(node.args) > 1 else round(v)
+    return int(v) if fn == "int" else math.ceil(v)
 
 
-def _close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+def _close(a: float, b: float, rel_tol: float = 1e-9) -> bool:
+    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9)
 
 
-def _is_gold(value: float, gold: float) -> bool:
-    return math.isclose(value, gold, rel_tol=1e-6, abs_tol=1e-9)
+_GOLD_TOL = 1e-6  # a step reaches the gold number within this relative tolerance
 
 
 def _words(text: str) -> list[str]:
     return [w for w in re.findall(r"[a-z]+", text.lower()) if w not in _STOPWORDS and len(w) > 1]
 
 
-def _name_for(line: str, start: int, end: int, taken: set[str]) -> str:
+def _name_for(line: str, start: int, end: int, taken: dict) -> str:
     """A variable name from the words around a step: what follows its result (`24 clips in
     May` -> clips_may), else the clause before its arithmetic (`the base fine: 90 + 50`)."""
     after = _ANNOTATION_RE.sub("", line[end:])
@@ -330,7 +282,6 @@ def _name_for(line: str, start: int, end: int, taken: set[str]) -> str:
     name, k = base, 2
     while name in taken:
         name, k = f"{base}_{k}", k + 1
-    taken.add(name)
     return name
 
 
@@ -355,22 +306,16 @@ def _raw_steps(rationale: str):
 def gold_pot_explain(
     rationale: str, question: str | None = None, answer: float | None = None
 ) -> tuple[str | None, str]:
-    """(program, "ok") or (None, why): see gold_pot. The reasons, for the README's counts:
-
-    no_gold: no `#### N` line and no `answer`; no_steps: nothing to compute from;
-    gold_not_reached: no step computes the gold number; gold_literal: a literal equal to the gold
-    number that the question does not give passes unchanged into `answer` (nudging the literal
-    moves the answer by as much).
-    """
+    """(program, "ok") or (None, why): see gold_pot. Why is one of no_gold, no_steps (nothing to
+    compute from), gold_not_reached (no step computes the gold number) and gold_literal (a literal
+    equal to the gold number, not given by the question, passes unchanged into `answer`)."""
     gold, _ = _gold(rationale, answer)
     if gold is None:
         return None, "no_gold"
-    given = set()  # numbers the question states: a literal with such a value stays a literal
-    if question is not None:
-        given = {float(n.replace(",", "")) for n in _PLAIN_NUMBER_RE.findall(question)}
-    steps: list[_Step] = []
-    taken: set[str] = set()
-    env: dict[str, float] = {}
+    # numbers the question states: a literal with such a value stays a literal
+    given = {float(n.replace(",", "")) for n in _PLAIN_NUMBER_RE.findall(question or "")}
+    exprs: dict[str, ast.expr] = {}  # step name -> expression, operands named by earlier steps
+    env: dict[str, float] = {}  # step name -> value
     for line, start, end, expr_text, result_text, annotated in _raw_steps(rationale):
         try:
             stated = float(result_text.replace(",", ""))
@@ -383,94 +328,79 @@ def gold_pot_explain(
             for node in ast.walk(expr):  # refer to earlier results by name (the latest one)
                 for field, child in ast.iter_fields(node):
                     if isinstance(child, ast.Constant) and child.value not in given:
-                        match = [s for s in steps if _close(s.value, child.value)]
+                        match = [n for n, v in env.items() if _close(v, child.value)]
                         if match:
-                            setattr(node, field, ast.Name(match[-1].name, ast.Load()))
+                            setattr(node, field, ast.Name(match[-1], ast.Load()))
             try:
                 value = _evaluate(expr, env)
             except (ZeroDivisionError, OverflowError):
-                expr = None
                 continue
             if _close(value, stated) or annotated:
                 break
-            expr = None  # a text equation that does not add up was misread: try again, or skip
-        if expr is None:
-            continue
-        needs_math = False
+        else:
+            continue  # a text equation that does not add up was misread: skip it
         if not _close(value, stated):  # the rationale rounded this result: so does the program
             digits = len(result_text.split(".")[1]) if "." in result_text else 0
-            wrapped = [
-                ("round", [expr] + ([ast.Constant(digits)] if digits else [])),
-                ("int", [expr]),
-                ("ceil", [expr]),
-            ]
-            for fn, args in wrapped:
-                func = ast.Attribute(ast.Name("math", ast.Load()), "ceil", ast.Load())
-                call = ast.Call(func if fn == "ceil" else ast.Name(fn, ast.Load()), args, [])
+            places = [ast.Constant(digits)] if digits else []
+            for fn, extra in (("round", places), ("int", []), ("math.ceil", [])):
+                call = ast.Call(ast.parse(fn, mode="eval").body, [expr, *extra], [])
                 if _close(_evaluate(call, env), stated):
-                    expr, value, needs_math = call, _evaluate(call, env), fn == "ceil"
+                    expr, value = call, _evaluate(call, env)
                     break
-        step = _Step(_name_for(line, start, end, taken), expr, value, needs_math)
-        env[step.name] = value
-        steps.append(step)
-    if not steps:
+        name = _name_for(line, start, end, env)
+        exprs[name], env[name] = expr, value
+    if not exprs:
         return None, "no_steps"
-    final = [s for s in steps if _is_gold(s.value, gold)]
+    final = [n for n, v in env.items() if _close(v, gold, _GOLD_TOL)]
     if not final:
         return None, "gold_not_reached"
     # keep the steps the answer depends on
-    by_name = {s.name: s for s in steps}
-    needed, todo = set(), [final[-1].name]
+    needed, todo = set(), [final[-1]]
     while todo:
         name = todo.pop()
-        if name not in needed:
+        if name in exprs and name not in needed:
             needed.add(name)
-            todo += [n.id for n in ast.walk(by_name[name].expr) if isinstance(n, ast.Name)]
-            todo = [n for n in todo if n in by_name]
-    kept = [s for s in steps if s.name in needed]
+            todo += [n.id for n in ast.walk(exprs[name]) if isinstance(n, ast.Name)]
+    kept = [n for n in exprs if n in needed]
     # The program must compute the answer: a literal equal to the gold number that the question
     # does not give must not reach `answer` unchanged (`<<30*1=30>>`). Nudge each such literal
     # and re-evaluate: if the answer moves with it one for one, the program copied the answer.
-    for s in kept:
-        nodes = list(ast.walk(s.expr))
-        digits = {id(n.args[1]) for n in nodes if isinstance(n, ast.Call) and len(n.args) == 2}
-        for node in nodes:
-            if not isinstance(node, ast.Constant) or id(node) in digits:
-                continue
-            if _is_gold(node.value, gold) and node.value not in given:
-                node.value, original = gold + 1.375, node.value
-                try:
-                    nudged = {}
-                    for k in kept:
-                        nudged[k.name] = _evaluate(k.expr, nudged)
-                except (ZeroDivisionError, OverflowError, ValueError):
-                    nudged = {}
-                node.value = original
-                if nudged and _close(nudged[final[-1].name], gold + 1.375):
-                    return None, "gold_literal"
-    lines = ["import math"] if any(s.needs_math for s in kept) else []
-    lines += [f"{s.name} = {ast.unparse(s.expr)}" for s in kept]
-    lines.append(f"answer = {final[-1].name}")
-    return "\n".join(lines), "ok"
+    nudge = gold + 1.375
+    nodes = [n for k in kept for n in ast.walk(exprs[k])]
+    digits = {id(n.args[1]) for n in nodes if isinstance(n, ast.Call) and len(n.args) == 2}
+    for node in nodes:
+        if not isinstance(node, ast.Constant) or id(node) in digits:
+            continue
+        if _close(node.value, gold, _GOLD_TOL) and node.value not in given:
+            node.value, original = nudge, node.value
+            try:
+                nudged = {}
+                for k in kept:
+                    nudged[k] = _evaluate(exprs[k], nudged)
+                copied = _close(nudged[final[-1]], nudge)
+            except (ZeroDivisionError, OverflowError, ValueError):
+                copied = False
+            node.value = original
+            if copied:
+                return None, "gold_literal"
+    lines = ["import math"] if any(isinstance(n, ast.Attribute) for n in nodes) else []
+    lines += [f"{k} = {ast.unparse(exprs[k])}" for k in kept]
+    return "\n".join(lines + [f"answer = {final[-1]}"]), "ok"
 
 
 def gold_pot(
     rationale: str, question: str | None = None, answer: float | None = None
 ) -> str | None:
-    """PoT body compiled from a GSM8K rationale, or None when it cannot be done honestly.
-
-    Pass the question where you have it: numbers the question states stay literals (they are
-    not matched to earlier results), and a literal equal to the gold number may pass straight
-    into `answer` only if the question states it; without the question, never.
-    """
+    """PoT body compiled from a GSM8K rationale, or None when it cannot be done honestly. Numbers
+    the `question` states stay literals and may reach `answer` unchanged; without it, none may."""
     return gold_pot_explain(rationale, question, answer)[0]
 
 
 # -----------------------------------------------------------------------------
 # teacher prompts
 
-# GSM8K train rows (question and rationale as published, MIT license) used as 8-shot exemplars;
-# each with an L2M solution written for this project.
+# GSM8K train rows (question and rationale as published, MIT license) used as 8-shot exemplars,
+# with L2M solutions written for this project in GSM8K's socratic layout (read by gold_l2m).
 _EXEMPLARS = (
     {
         "id": "gsm8k-train-1235",
@@ -479,13 +409,10 @@ _EXEMPLARS = (
         "rationale": "Penny buys 4 pairs of socks for $2 x 4 = $<<4*2=8>>8.\n"
         "In total, Penny spent $8 + $7 = $<<8+7=15>>15 on 4 pairs of socks and a hat.\n"
         "Penny has $20 -$15 = $<<20-15=5>>5 left after buying 4 pairs of socks and a hat.\n#### 5",
-        "l2m": "Sub-question 1: How much do the 4 pairs of socks cost?\n"
-        "Answer to Sub-question 1: A pair costs $2, so the socks cost 4 * 2 = $8.\n"
-        "Sub-question 2: How much does Penny spend altogether?\n"
-        "Answer to Sub-question 2: The socks and the hat cost 8 + 7 = $15.\n"
-        "Sub-question 3: How much money does Penny have left?\n"
-        "Answer to Sub-question 3: She started with $20, so 20 - 15 = $5 is left.\n"
-        "Final Answer: 5",
+        "socratic": "How much do the 4 pairs of socks cost? ** A pair costs $2, so the socks cost "
+        "4 * 2 = $8.\nHow much does Penny spend altogether? ** The socks and the hat cost 8 + 7 = "
+        "$15.\nHow much money does Penny have left? ** She started with $20, so 20 - 15 = $5 is "
+        "left.\n#### 5",
     },
     {
         "id": "gsm8k-train-6727",
@@ -495,13 +422,9 @@ _EXEMPLARS = (
         "birds = <<3+7=10>>10 animals\nThen multiply that number by 5: 10 animals * 5 = "
         "<<10*5=50>>50 animals\nThen subtract 3 to find the total number of animals Cara's cat "
         "catches: 50 animals - 3 animals = <<50-3=47>>47 animals\n#### 47",
-        "l2m": "Sub-question 1: How many animals does Martha's cat catch?\n"
-        "Answer to Sub-question 1: It catches 3 + 7 = 10 animals.\n"
-        "Sub-question 2: What is five times that many?\n"
-        "Answer to Sub-question 2: Five times 10 is 5 * 10 = 50 animals.\n"
-        "Sub-question 3: How many animals does Cara's cat catch?\n"
-        "Answer to Sub-question 3: Three fewer than 50, so 50 - 3 = 47 animals.\n"
-        "Final Answer: 47",
+        "socratic": "How many animals does Martha's cat catch? ** It catches 3 + 7 = 10 animals.\n"
+        "What is five times that many? ** Five times 10 is 5 * 10 = 50 animals.\nHow many animals "
+        "does Cara's cat catch? ** Three fewer than 50, so 50 - 3 = 47 animals.\n#### 47",
     },
     {
         "id": "gsm8k-train-771",
@@ -513,11 +436,9 @@ _EXEMPLARS = (
         "the sandwiches. We determine this by performing 8*2=<<8*2=16>>16 slices of bread needed."
         "\nWe then divide the number of slices needed by the number of slices per bread pack, "
         "performing 16/4=<<16/4=4>>4 packs of bread needed.\n#### 4",
-        "l2m": "Sub-question 1: How many slices of bread do the 8 sandwiches take?\n"
-        "Answer to Sub-question 1: Each takes 2 slices, so 8 * 2 = 16 slices.\n"
-        "Sub-question 2: How many packs of bread does Jimmy need to buy?\n"
-        "Answer to Sub-question 2: A pack holds 4 slices, so 16 / 4 = 4 packs.\n"
-        "Final Answer: 4",
+        "socratic": "How many slices of bread do the 8 sandwiches take? ** Each takes 2 slices, "
+        "so 8 * 2 = 16 slices.\nHow many packs of bread does Jimmy need to buy? ** A pack holds 4 "
+        "slices, so 16 / 4 = 4 packs.\n#### 4",
     },
     {
         "id": "gsm8k-train-475",
@@ -525,13 +446,10 @@ _EXEMPLARS = (
         "too. The three averaged 30 apples picked. How many did Layla pick?",
         "rationale": "Together, they picked 30*3=<<30*3=90>>90.\nThere are 40+28=<<40+28=68>>68 "
         "accounted for.\nThen Layla picked 90-68=<<90-68=22>>22.\n#### 22",
-        "l2m": "Sub-question 1: How many apples did the three pick in all?\n"
-        "Answer to Sub-question 1: Three people averaging 30 apples picked 30 * 3 = 90 apples.\n"
-        "Sub-question 2: How many apples did Maggie and Kelsey pick together?\n"
-        "Answer to Sub-question 2: They picked 40 + 28 = 68 apples.\n"
-        "Sub-question 3: How many apples did Layla pick?\n"
-        "Answer to Sub-question 3: The rest of the 90: 90 - 68 = 22 apples.\n"
-        "Final Answer: 22",
+        "socratic": "How many apples did the three pick in all? ** Three people averaging 30 "
+        "apples picked 30 * 3 = 90 apples.\nHow many apples did Maggie and Kelsey pick together? "
+        "** They picked 40 + 28 = 68 apples.\nHow many apples did Layla pick? ** The rest of the "
+        "90: 90 - 68 = 22 apples.\n#### 22",
     },
     {
         "id": "gsm8k-train-3425",
@@ -543,13 +461,10 @@ _EXEMPLARS = (
         "predicted that the population will increase by 40/100*12000 = <<40/100*12000=4800>>4800 "
         "people after five years.\nThis means there will be 12000+4800 = <<12000+4800=16800>>16800"
         " people living in Mojave in five years.\n#### 16800",
-        "l2m": "Sub-question 1: How many people live in Mojave now?\n"
-        "Answer to Sub-question 1: Three times 4000, so 3 * 4000 = 12000 people.\n"
-        "Sub-question 2: By how many people will the town grow in five years?\n"
-        "Answer to Sub-question 2: 40% of 12000 is 40 / 100 * 12000 = 4800 people.\n"
-        "Sub-question 3: How many people will be in Mojave in five years?\n"
-        "Answer to Sub-question 3: 12000 + 4800 = 16800 people.\n"
-        "Final Answer: 16800",
+        "socratic": "How many people live in Mojave now? ** Three times 4000, so 3 * 4000 = 12000 "
+        "people.\nBy how many people will the town grow in five years? ** 40% of 12000 is 40 / "
+        "100 * 12000 = 4800 people.\nHow many people will be in Mojave in five years? ** 12000 + "
+        "4800 = 16800 people.\n#### 16800",
     },
     {
         "id": "gsm8k-train-4514",
@@ -559,15 +474,10 @@ _EXEMPLARS = (
         "rationale": "Betty paid 6 x $2.5 = $<<6*2.5=15>>15 for the slippers.\nShe paid 4 x $1.25 "
         "= $<<4*1.25=5>>5 for the lipsticks.\nShe paid 8 x $3 = $<<8*3=24>>24 for the hair color."
         "\nTherefore, Betty paid $15 + $5 + $24 = $<<15+5+24=44>>44 in total.\n#### 44",
-        "l2m": "Sub-question 1: How much did the slippers cost?\n"
-        "Answer to Sub-question 1: 6 pieces at $2.5 cost 6 * 2.5 = $15.\n"
-        "Sub-question 2: How much did the lipsticks cost?\n"
-        "Answer to Sub-question 2: 4 pieces at $1.25 cost 4 * 1.25 = $5.\n"
-        "Sub-question 3: How much did the hair color cost?\n"
-        "Answer to Sub-question 3: 8 pieces at $3 cost 8 * 3 = $24.\n"
-        "Sub-question 4: How much did Betty pay in total?\n"
-        "Answer to Sub-question 4: 15 + 5 + 24 = $44.\n"
-        "Final Answer: 44",
+        "socratic": "How much did the slippers cost? ** 6 pieces at $2.5 cost 6 * 2.5 = $15.\nHow "
+        "much did the lipsticks cost? ** 4 pieces at $1.25 cost 4 * 1.25 = $5.\nHow much did the "
+        "hair color cost? ** 8 pieces at $3 cost 8 * 3 = $24.\nHow much did Betty pay in total? "
+        "** 15 + 5 + 24 = $44.\n#### 44",
     },
     {
         "id": "gsm8k-train-307",
@@ -577,11 +487,9 @@ _EXEMPLARS = (
         "rationale": "The block has 16 servings and he has eaten 5 servings leaving 16-5 = "
         "<<16-5=11>>11 servings of cheese\nThere are 11 servings of cheese left and each serving "
         "is 110 calories for a total of 11*110 = <<11*110=1210>>1,210 calories\n#### 1210",
-        "l2m": "Sub-question 1: How many servings are left in the block?\n"
-        "Answer to Sub-question 1: 16 - 5 = 11 servings.\n"
-        "Sub-question 2: How many calories are remaining in the block?\n"
-        "Answer to Sub-question 2: Each serving has 110 calories, so 11 * 110 = 1210 calories.\n"
-        "Final Answer: 1210",
+        "socratic": "How many servings are left in the block? ** 16 - 5 = 11 servings.\nHow many "
+        "calories are remaining in the block? ** Each serving has 110 calories, so 11 * 110 = "
+        "1210 calories.\n#### 1210",
     },
     {
         "id": "gsm8k-train-1014",
@@ -589,11 +497,8 @@ _EXEMPLARS = (
         "the second hour, how far did she walk for 2 hours?",
         "rationale": "Hazel walked 2 x 2 = <<2*2=4>>4 kilometers in the second hour.\nSo, she "
         "walked 2 + 4 = <<2+4=6>>6 kilometers for 2 hours.\n#### 6",
-        "l2m": "Sub-question 1: How far did Hazel walk in the second hour?\n"
-        "Answer to Sub-question 1: Twice 2 kilometers: 2 * 2 = 4 kilometers.\n"
-        "Sub-question 2: How far did she walk in the 2 hours?\n"
-        "Answer to Sub-question 2: 2 + 4 = 6 kilometers.\n"
-        "Final Answer: 6",
+        "socratic": "How far did Hazel walk in the second hour? ** Twice 2 kilometers: 2 * 2 = 4 "
+        "kilometers.\nHow far did she walk in the 2 hours? ** 2 + 4 = 6 kilometers.\n#### 6",
     },
 )
 TEACHER_EXEMPLAR_IDS = [e["id"] for e in _EXEMPLARS]
@@ -606,10 +511,8 @@ _TEACHER_SYSTEM = (
 
 @cache
 def _exemplar_bodies(strategy: str) -> tuple[str, ...]:
-    if strategy == "l2m":
-        return tuple(e["l2m"] for e in _EXEMPLARS)
-    convert = gold_cot if strategy == "cot" else gold_pot
-    bodies = tuple(convert(e["rationale"]) for e in _EXEMPLARS)
+    convert = {"cot": gold_cot, "l2m": gold_l2m, "pot": gold_pot}[strategy]
+    bodies = tuple(convert(e["socratic" if strategy == "l2m" else "rationale"]) for e in _EXEMPLARS)
     assert all(bodies), f"an exemplar does not convert to {strategy}"
     return bodies
 
@@ -617,12 +520,9 @@ def _exemplar_bodies(strategy: str) -> tuple[str, ...]:
 def teacher_messages(question: str, strategy: str) -> list[dict]:
     """8-shot chat messages asking an LLM teacher for one solution body (no tag) to `question`."""
     s = _strategy(strategy)
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"question must be a non-empty str, got {question!r}")
-    system = _TEACHER_SYSTEM.format(instruction=s.instruction, layout=s.layout)
-    messages = [{"role": "system", "content": system}]
+    messages = [{"role": "system", "content": _TEACHER_SYSTEM.format(**vars(s))}]
     for e, body in zip(_EXEMPLARS, _exemplar_bodies(strategy), strict=True):
         messages.append({"role": "user", "content": e["question"]})
         messages.append({"role": "assistant", "content": body})
-    messages.append({"role": "user", "content": question.strip()})
+    messages.append({"role": "user", "content": _question(question)})
     return messages
