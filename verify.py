@@ -1,73 +1,44 @@
 """
 Answer checking for SIKeD, and a sandbox for the program-of-thought (PoT) programs a model writes.
-
-SIKeD keeps a solution only if its answer is right, so this file is the filter every iteration's
-data goes through: `extract_answer` reads the number a solution ends on, `is_correct` compares it
-with the gold number, and `run_pot_batch` runs PoT programs (about 70,000 per iteration).
+Every iteration's data goes through this filter (about 70,000 PoT programs per iteration):
 
     from verify import extract_answer, is_correct, run_pot_batch
     extract_answer("... so 6 apples.\\nFinal Answer: 6", "cot")  # 6.0
     run_pot_batch(["answer = 48 / 2 + 48", "while True: pass"])
     # [(72.0, None), (None, 'timeout after 2s')]
 
-Answers (CoT and L2M): the number after the last `Final Answer:`, else after `####`, else after
-"the answer is", else the last number in the text. Number forms: `1,234`, `$1,234.50`, `-3`, `3/4`,
-`12%` (read as 12: GSM8K writes percent answers as the bare number), `.75`, `12.00 dollars`.
-`is_correct` uses a relative tolerance of 1e-4 by default (plus 1e-9 absolute, for float noise
-around 0); `rel_tol=0` is the paper's exact float equality (SPEC 3).
+Answers (CoT, L2M): the number after the last `Final Answer:`, else `####`, else "the answer is",
+else the last number. Forms: `1,234`, `$1,234.50`, `-3`, `3/4`, `12%` (12, as GSM8K writes it),
+`.75`, `12.00 dollars`. PoT: the program's `answer` variable, else what `solution()` returns; an
+int, float, Fraction or Decimal becomes a float, anything else (bool, nan, str, ...) is an error.
+Results are `(value, error)` pairs, one of them None (`PotResult`, with the captured `.stdout`).
 
-PoT programs. A program's value is its variable `answer` after it ran, else what `solution()`
-returns if it defines that function. The value must be a number: int, float, Fraction or Decimal
-become a float; bool is refused (`answer = x > 3` is a mistake, not the number 1), and so are
-nan, inf, an int too large for a float, strings and everything else. `print` works; its output is
-captured and capped. Results come back in order as `(value, error)` pairs (`PotResult`, which also
-carries `.stdout`); exactly one of the two is None.
+The sandbox: persistent worker processes (`python -I -S verify.py --worker`, scrubbed environment,
+own session) get source text and answer with JSON lines; the parent never unpickles, parses or runs
+model code. Layers, each tested alone in tests/test_verify.py, none enough alone:
+1. AST check: no `__` names, `_` attributes, frame attributes, `__` strings or other imports.
+2. Restricted builtins (no open, eval, getattr, ...); `__import__` hands out copies of the public
+   names of the allowlisted modules, without submodules. No sympy ([R] imported it; SPEC 1.1).
+3. Audit hook (PEP 578): only compiling and running the program and setting its CPU limit are
+   allowed; opens, sockets, subprocesses, frame access, new imports etc. are refused.
+4. A worker started as root drops to uid/gid 65534 (nobody) with no supplementary groups.
+5. setrlimit after the drop: CPU seconds per program, address space, file size 0, no new file
+   descriptors or processes, no core files.
+6. The parent replaces a worker that misses its deadline or dies; a worker retires if a program
+   changed a class of an allowlisted module; decimal context and recursion limit are reset.
+Not covered: no kernel-level isolation (seccomp, namespaces); workers share uid 65534; programs
+may use CPU and memory up to the limits. Run untrusted code at scale in a container as well.
 
-The sandbox. Programs run in a pool of persistent worker processes (`python -I -S verify.py
---worker`, a scrubbed environment, its own session); the parent only sends source text and reads
-back JSON lines of plain values (it never unpickles anything and never parses or runs model code).
-The layers, in the order a program meets them; each one is tested on its own in
-tests/test_verify.py, none is enough alone:
-1. AST check (a fast first reject): no name, definition or argument that starts with `__` (except
-   reading `__name__` and defining `__init__`), no attribute that starts with `_`, no
-   frame/code/traceback attributes (`gi_frame`, `f_back`, `tb_frame`, ...), no string constant
-   containing `__` other than "__main__" (format-string attribute walks), imports only of the
-   allowlisted modules, never relative and never a `_name` from them.
-2. Restricted builtins: arithmetic, containers, iteration, `print`, the usual exception classes
-   and a guarded `__import__`. No `open`, `eval`, `exec`, `compile`, `getattr`, `setattr`,
-   `globals`, `vars`, `input`, `breakpoint`, `exit`. The guarded `__import__` allows only `math`,
-   `fractions`, `decimal`, `datetime`, `itertools`, `functools`, `statistics`, and hands out a
-   fresh copy of each module's public names without its submodules (so `fractions.sys` does not
-   exist). sympy is not available (the paper's PoT prefix imported it; [R] in SPEC 1.1).
-3. Audit hook (`sys.addaudithook`, installed after the worker's own imports): once armed it allows
-   only the audit events the worker itself needs (compiling and running the program, setting its
-   own CPU limit); everything else is refused, which covers file opens, sockets, subprocesses,
-   `os.system`, fork/exec/spawn, signals to other processes, ctypes, `sys._getframe` and
-   generator/traceback frame access, new code or function objects, and every import of a module
-   not already loaded (the allowlisted modules are preloaded; nothing else is).
-4. Privileges: a worker started as root drops to uid/gid 65534 (nobody) with no supplementary
-   groups, so the kernel refuses writes to root's files even if every layer above were bypassed.
-5. Resource limits (setrlimit, after the drop; an unprivileged process cannot raise them back):
-   CPU seconds per program (SIGXCPU kills the worker), address space (`memory_mb`), file size 0,
-   no new file descriptors, no new processes, no core files.
-6. Wall-clock kill: the parent kills a worker that has not answered within `timeout_s`, starts a
-   replacement and the batch carries on; a worker that dies is replaced the same way. A worker
-   also retires itself if a program changed a class of an allowlisted module (state that would
-   leak into the next program), and the decimal context and recursion limit are reset each time.
-
-Not covered: this is not a kernel-level sandbox (no seccomp, namespaces or containers). Workers
-share uid 65534 with each other. A program can still use its CPU and memory up to the limits,
-and read public attributes of the allowlisted modules' objects. Run untrusted code at scale in a
-container as well.
-
-Sources: nanochat/execution.py (Karpathy; adapted from OpenAI human-eval) for the shape of the
-sandbox and its result; PEP 578 for audit hooks. Departures from the authors' code [R]: [R] runs
-PoT with an in-process `exec` after a prefix importing sympy, with a 10 s timeout, and compares
-floats with `==`; here: separate processes, no sympy, a 2 s default timeout (a GSM8K program
-takes about a millisecond; one still running after 2 s is looping), and a stated tolerance.
+Sources: nanochat/execution.py (Karpathy, after OpenAI human-eval) for the sandbox's shape; PEP 578.
+Departures from [R]: [R] `exec`s PoT in-process after importing sympy, with a 10 s timeout, and
+compares floats with `==`; here separate processes, no sympy, a 2 s default timeout (a GSM8K
+program takes about 1 ms) and a relative tolerance of 1e-4 (`rel_tol=0` is [R]'s, SPEC 3).
 """
 
+import ast
 import atexit
+import decimal
+import io
 import json
 import math
 import os
@@ -81,17 +52,9 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
-ALLOWED_MODULES = (
-    "math",
-    "fractions",
-    "decimal",
-    "datetime",
-    "itertools",
-    "functools",
-    "statistics",
-)
+ALLOWED_MODULES = tuple("math fractions decimal datetime itertools functools statistics".split())
 STRATEGY_NAMES = ("cot", "l2m", "pot")
-NOBODY = 65534  # uid and gid of `nobody` on Debian/Ubuntu and most Linux distributions
+NOBODY = 65534  # uid and gid of `nobody` on most Linux distributions
 
 
 @dataclass(frozen=True)
@@ -99,15 +62,13 @@ class SandboxConfig:
     """Limits and layers of the PoT sandbox. Turning a layer off is for tests only."""
 
     memory_mb: int = 512  # RLIMIT_AS of a worker; an idle worker uses about 20 MB
-    max_output: int = 2000  # characters of captured print output kept per program
+    max_output: int = 2000  # characters of print output kept per program
     max_error: int = 300  # characters of an error message kept
     max_code_chars: int = 50_000  # longer programs are refused without running
     cpu_s: float | None = None  # CPU seconds per program; default ceil(timeout_s) + 1
     cpu_budget_s: int = 600  # a worker's lifetime CPU (hard RLIMIT_CPU); it retires before that
     max_jobs: int = 20_000  # programs a worker runs before it retires
     max_open_files: int = 0  # RLIMIT_NOFILE: 0 = no new file descriptors at all
-    uid: int = NOBODY
-    gid: int = NOBODY
     ast_check: bool = True
     restricted_builtins: bool = True
     audit_hook: bool = True
@@ -117,7 +78,6 @@ class SandboxConfig:
 
 # -----------------------------------------------------------------------------
 # answers
-
 
 _INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
 _NUMBER_RE = re.compile(
@@ -137,30 +97,16 @@ _MARKERS = (
 _FENCE_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
 
 
-def _number(m: re.Match) -> float | None:
-    value = float(m.group("num").replace(",", ""))
-    if m.group("den") is not None:
-        den = float(m.group("den").replace(",", ""))
-        if den == 0:
-            return None
-        value = value / den
-    if m.group("sign") or m.group("sign2"):
-        value = -value
-    return value
-
-
-def parse_number(text: str) -> float | None:
-    """The first number in `text` (forms listed in the module docstring), or None."""
+def _numbers(text: str):
+    """The numbers in `text`, in order (a fraction over 0 is skipped)."""
     for m in _NUMBER_RE.finditer(text):
-        value = _number(m)
-        if value is not None:
-            return value
-    return None
-
-
-def last_number(text: str) -> float | None:
-    values = [v for v in map(_number, _NUMBER_RE.finditer(text)) if v is not None]
-    return values[-1] if values else None
+        value = float(m["num"].replace(",", ""))
+        if m["den"] is not None:
+            den = float(m["den"].replace(",", ""))
+            if den == 0:
+                continue
+            value /= den
+        yield -value if m["sign"] or m["sign2"] else value
 
 
 def strip_code_fence(text: str) -> str:
@@ -170,10 +116,8 @@ def strip_code_fence(text: str) -> str:
 
 
 def extract_answer(text: str, strategy: str | None) -> float | None:
-    """The final number of a solution body; for "pot" the value of the program (sandboxed).
-
-    strategy None (an output without a known tag) is read like CoT.
-    """
+    """The final number of a solution body (strategy None reads like CoT); for "pot" the value of
+    the program, run in the sandbox."""
     if strategy is not None and strategy not in STRATEGY_NAMES:
         raise ValueError(f"strategy must be one of {STRATEGY_NAMES} or None, got {strategy!r}")
     if strategy == "pot":
@@ -181,10 +125,11 @@ def extract_answer(text: str, strategy: str | None) -> float | None:
     for marker in _MARKERS:
         found = list(marker.finditer(text))
         if found:
-            value = parse_number(text[found[-1].end() :])
+            value = next(_numbers(text[found[-1].end() :]), None)
             if value is not None:
                 return value
-    return last_number(text)
+    values = list(_numbers(text))
+    return values[-1] if values else None
 
 
 def extract_answers(texts, strategies, workers=None, timeout_s=2.0) -> list[float | None]:
@@ -194,30 +139,21 @@ def extract_answers(texts, strategies, workers=None, timeout_s=2.0) -> list[floa
         raise ValueError(
             f"texts and strategies differ in length: {len(texts)} != {len(strategies)}"
         )
-    out = [
-        None if s == "pot" else extract_answer(t, s) for t, s in zip(texts, strategies, strict=True)
-    ]
-    pot = [i for i, s in enumerate(strategies) if s == "pot"]
-    codes = [strip_code_fence(texts[i]) for i in pot]
-    results = run_pot_batch(codes, timeout_s=timeout_s, workers=workers)
-    for i, (value, _) in zip(pot, results, strict=True):
-        out[i] = value
-    return out
+    pairs = list(zip(texts, strategies, strict=True))
+    out = [None if s == "pot" else extract_answer(t, s) for t, s in pairs]
+    codes = [strip_code_fence(t) for t, s in pairs if s == "pot"]
+    results = iter(run_pot_batch(codes, timeout_s=timeout_s, workers=workers))
+    return [next(results).value if s == "pot" else v for v, s in zip(out, strategies, strict=True)]
 
 
 def is_correct(pred: float | None, gold: float, rel_tol: float = 1e-4) -> bool:
-    """pred matches gold within rel_tol (relative to the larger of the two, plus 1e-9 absolute).
-
-    rel_tol=0 is exact float equality, as the paper ([R], SPEC 3).
-    """
+    """pred matches gold within rel_tol (relative to the larger, plus 1e-9 absolute); rel_tol=0 is
+    exact float equality, as the paper ([R], SPEC 3)."""
     if rel_tol < 0:
         raise ValueError(f"rel_tol must be >= 0, got {rel_tol}")
     if pred is None:
         return False
-    pred, gold = float(pred), float(gold)
-    if rel_tol == 0:
-        return pred == gold
-    return math.isclose(pred, gold, rel_tol=rel_tol, abs_tol=1e-9)
+    return math.isclose(float(pred), float(gold), rel_tol=rel_tol, abs_tol=1e-9 if rel_tol else 0)
 
 
 def has_subquestions(text: str) -> bool:
@@ -226,7 +162,7 @@ def has_subquestions(text: str) -> bool:
 
 
 # -----------------------------------------------------------------------------
-# the worker (runs only in the worker process: `python -I -S verify.py --worker CONFIG`)
+# the worker (runs only in the worker process: `python -I -S verify.py --worker`)
 
 _BLOCKED_ATTRS = frozenset(
     "gi_frame gi_code gi_yieldfrom cr_frame cr_code cr_await cr_origin ag_frame ag_code ag_await "
@@ -242,9 +178,9 @@ _SAFE_BUILTINS = (
     "OverflowError RecursionError RuntimeError StopIteration SystemExit TypeError ValueError "
     "ZeroDivisionError"
 ).split()
-
-
-_INTERNAL_IMPORTS = {
+# C code of `datetime` imports these through the program's __import__ (strptime, strftime,
+# timetuple): it gets just the functions it calls. The AST check keeps programs from asking.
+_INTERNAL = {
     "_strptime": ("_strptime_datetime", "_strptime_time"),
     "time": ("strftime", "struct_time", "localtime", "gmtime", "mktime", "time"),
 }
@@ -252,9 +188,8 @@ _INTERNAL_IMPORTS = {
 
 def _ast_problem(tree) -> str | None:
     """Why the program is refused before it runs, or None. Fast and conservative."""
-    import ast
 
-    def bad_name(name):
+    def bad(name):
         return name is not None and name.startswith("__")
 
     for node in ast.walk(tree):
@@ -262,19 +197,18 @@ def _ast_problem(tree) -> str | None:
             if node.attr.startswith("_") or node.attr in _BLOCKED_ATTRS:
                 return f"attribute .{node.attr} is not allowed"
         elif isinstance(node, ast.Name):
-            if bad_name(node.id) and not (node.id == "__name__" and isinstance(node.ctx, ast.Load)):
+            if bad(node.id) and not (node.id == "__name__" and isinstance(node.ctx, ast.Load)):
                 return f"name {node.id} is not allowed"
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            if bad_name(node.name) and node.name != "__init__":
+            if bad(node.name) and node.name != "__init__":
                 return f"definition of {node.name} is not allowed"
-        elif isinstance(node, ast.arg) and bad_name(node.arg):
+        elif isinstance(node, ast.arg) and bad(node.arg):
             return f"argument {node.arg} is not allowed"
-        elif isinstance(node, ast.keyword) and bad_name(node.arg):
+        elif isinstance(node, ast.keyword) and bad(node.arg):
             return f"keyword {node.arg} is not allowed"
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "__" in node.value:
-            if node.value == "__main__":  # if __name__ == "__main__":
-                continue
-            return "strings containing '__' are not allowed"
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if "__" in node.value and node.value != "__main__":  # if __name__ == "__main__":
+                return "strings containing '__' are not allowed"
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name not in ALLOWED_MODULES:
@@ -289,12 +223,8 @@ def _ast_problem(tree) -> str | None:
 
 
 def _to_float(value) -> tuple[float | None, str | None]:
-    """A program's value as a finite float, or an error (see the module docstring)."""
-    from decimal import Decimal
-
-    if isinstance(value, bool):
-        return None, "answer is a bool, not a number"
-    if not isinstance(value, (int, float, Fraction, Decimal)):
+    """A program's value as a finite float, or an error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Fraction, decimal.Decimal)):
         return None, f"answer is a {type(value).__name__}, not a number"
     try:
         value = float(value)
@@ -305,84 +235,63 @@ def _to_float(value) -> tuple[float | None, str | None]:
     return value, None
 
 
-class _Capped:
-    """A write-only text stream that keeps the first `limit` characters."""
+class _Capped(io.StringIO):
+    """A text stream that keeps the first `limit` characters written to it."""
 
     def __init__(self, limit):
-        self.limit, self.parts, self.size = limit, [], 0
+        super().__init__()
+        self.limit = limit
 
     def write(self, s):
-        if not isinstance(s, str):
-            raise TypeError("write() argument must be str")
-        room = self.limit - self.size
-        if room > 0:
-            self.parts.append(s[:room])
-            self.size += min(len(s), room)
+        super().write(s[: max(self.limit - self.tell(), 0)])
         return len(s)
-
-    def flush(self):
-        pass
-
-    def getvalue(self):
-        return "".join(self.parts)
 
 
 def _worker_main(cfg: SandboxConfig) -> None:
-    # Every module a program may use, and every module the worker itself needs, is imported now:
-    # once the audit hook is armed, importing anything not yet loaded is refused.
-    import _strptime  # noqa: F401 (datetime.strptime imports it lazily)
-    import ast
     import builtins
-    import datetime  # noqa: F401
-    import decimal
-    import functools  # noqa: F401
     import gc
-    import heapq  # noqa: F401 (Counter.most_common, used by statistics.mode, imports it lazily)
-    import io
-    import itertools  # noqa: F401
     import resource
-    import statistics  # noqa: F401
     import types
     import warnings
-    import weakref  # noqa: F401 (functools.singledispatch imports it lazily)
+
+    # Once the audit hook is armed, importing a module not yet loaded is refused: preload the
+    # allowlist and what it imports lazily (datetime.strptime: _strptime; statistics.mode: heapq;
+    # functools.singledispatch: weakref).
+    for name in (*ALLOWED_MODULES, "_strptime", "heapq", "weakref"):
+        __import__(name)
 
     warnings.simplefilter("ignore")  # showing a warning would open the source file
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file write over RLIMIT_FSIZE fails (EFBIG)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.chdir("/")
     os.umask(0o077)
+    requests = os.fdopen(0, "rb")  # results go out on fd 1
     sys.stdin = io.StringIO()
     sys.stdout = sys.stderr = _Capped(0)
-    in_fd, out_fd = 0, 1  # requests come on stdin, results go out on stdout (pipes to the parent)
 
     if cfg.drop_privileges and os.getuid() == 0:
         os.setgroups([])
-        os.setgid(cfg.gid)
-        os.setuid(cfg.uid)
-        assert os.getuid() == cfg.uid and os.geteuid() == cfg.uid
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+        assert os.getuid() == NOBODY and os.geteuid() == NOBODY
     cpu_hard = cfg.cpu_budget_s
-    if cfg.rlimits:
-        mem = cfg.memory_mb * 2**20
+    if cfg.rlimits:  # after the drop: an unprivileged process cannot raise them back
+        mem, n_files = cfg.memory_mb * 2**20, cfg.max_open_files  # 0 files: the pipes still work
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-        n_files = cfg.max_open_files  # 0: existing fds (the pipes) still work, no new ones
         resource.setrlimit(resource.RLIMIT_NOFILE, (n_files, n_files))
-        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # after the drop: root ignores it
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # root would ignore it
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_hard, cpu_hard))
 
-    # What `import math` gives a program: the public names of the module, no submodules.
+    # What `import math` gives a program: the module's public names, no submodules.
     public = {}
     for name in ALLOWED_MODULES:
-        mod = sys.modules[name]
+        items = vars(sys.modules[name]).items()
         public[name] = {
-            k: v
-            for k, v in vars(mod).items()
-            if not k.startswith("_") and not isinstance(v, types.ModuleType)
+            k: v for k, v in items if not k.startswith("_") and not isinstance(v, types.ModuleType)
         }
-    # C code of `datetime` imports these through the program's __import__ (strptime, strftime,
-    # timetuple): it gets just the functions it calls. The AST check keeps programs from asking.
-    for name, names in _INTERNAL_IMPORTS.items():
+    for name, names in _INTERNAL.items():
         public[name] = {k: getattr(sys.modules[name], k) for k in names}
     # Classes a program could change for the programs after it (C types cannot be changed).
     shared_classes = {v for d in public.values() for v in d.values() if isinstance(v, type)}
@@ -406,12 +315,16 @@ def _worker_main(cfg: SandboxConfig) -> None:
 
     def classes_changed():
         for cls, before in snapshot.items():
-            now = vars(cls)
+            now = vars(cls)  # compared by identity: a program's __eq__ must not run here
             if len(now) != len(before) or any(
                 now.get(k, snapshot) is not v for k, v in before.items()
             ):
                 return True
         return False
+
+    def cpu_used():
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        return used.ru_utime + used.ru_stime
 
     cpu_soft = [cpu_hard]
     compiling = [None]  # the AST the worker is compiling (compile() of an AST has no filename)
@@ -430,28 +343,20 @@ def _worker_main(cfg: SandboxConfig) -> None:
         raise RuntimeError(f"sandbox: {event} is not allowed")
 
     def run(code, timeout_s):
-        if len(code) > cfg.max_code_chars:
-            return None, f"program longer than {cfg.max_code_chars} characters", ""
+        # (the parent refuses programs longer than cfg.max_code_chars)
         try:
-            tree = ast.parse(code, "<pot>")
-        except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
-            return None, f"{type(e).__name__}: {e}", ""
-        if cfg.ast_check:
-            problem = _ast_problem(tree)
+            compiling[0] = ast.parse(code, "<pot>")
+            problem = _ast_problem(compiling[0]) if cfg.ast_check else None
             if problem is not None:
                 return None, f"rejected: {problem}", ""
-        compiling[0] = tree
-        try:
-            compiled = compile(tree, "<pot>", "exec")
+            compiled = compile(compiling[0], "<pot>", "exec")
         except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
             return None, f"{type(e).__name__}: {e}", ""
         finally:
             compiling[0] = None
-        del tree
         if cfg.rlimits:
-            used = resource.getrusage(resource.RUSAGE_SELF)
             cpu_s = cfg.cpu_s if cfg.cpu_s is not None else math.ceil(timeout_s) + 1
-            cpu_soft[0] = min(math.ceil(used.ru_utime + used.ru_stime + cpu_s), cpu_hard)
+            cpu_soft[0] = min(math.ceil(cpu_used() + cpu_s), cpu_hard)
             resource.setrlimit(resource.RLIMIT_CPU, (cpu_soft[0], cpu_hard))
         decimal.setcontext(decimal.Context())
         sys.setrecursionlimit(1000)
@@ -470,7 +375,7 @@ def _worker_main(cfg: SandboxConfig) -> None:
         except BaseException as e:  # the program's own exceptions, SystemExit included
             try:
                 error = f"{type(e).__name__}: {e}"
-            except BaseException:
+            except BaseException:  # its __str__ raised
                 error = type(e).__name__
         finally:
             sys.stdout = sys.stderr
@@ -482,32 +387,18 @@ def _worker_main(cfg: SandboxConfig) -> None:
     def send(obj):
         data = (json.dumps(obj) + "\n").encode()
         while data:
-            data = data[os.write(out_fd, data) :]
+            data = data[os.write(1, data) :]
 
     gc.freeze()  # the preloaded modules never need collecting: keeps gc.collect() cheap
     if cfg.audit_hook:
         sys.addaudithook(audit)
-    send({"ready": True, "pid": os.getpid(), "uid": os.getuid()})
+    send({"ready": True})
 
-    buffer, n_jobs = b"", 0
-    while True:
-        while b"\n" not in buffer:
-            chunk = os.read(in_fd, 1 << 16)
-            if not chunk:
-                return  # the parent closed the pipe
-            buffer += chunk
-        line, buffer = buffer.split(b"\n", 1)
+    for n_jobs, line in enumerate(requests, 1):  # until the parent closes the pipe
         job = json.loads(line)
         value, error, stdout = run(job["code"], job["timeout_s"])
-        if error is not None:
-            error = error[: cfg.max_error]
-        n_jobs += 1
-        used = resource.getrusage(resource.RUSAGE_SELF)
-        retire = (
-            n_jobs >= cfg.max_jobs
-            or classes_changed()
-            or used.ru_utime + used.ru_stime > cpu_hard / 2
-        )
+        retire = n_jobs >= cfg.max_jobs or classes_changed() or cpu_used() > cpu_hard / 2
+        error = None if error is None else error[: cfg.max_error]
         send({"id": job["id"], "value": value, "error": error, "stdout": stdout, "retire": retire})
         if retire:
             return
@@ -525,13 +416,8 @@ class PotResult(tuple):
         self.stdout = stdout
         return self
 
-    @property
-    def value(self):
-        return self[0]
-
-    @property
-    def error(self):
-        return self[1]
+    value = property(lambda self: self[0])
+    error = property(lambda self: self[1])
 
 
 class _Worker:
@@ -554,25 +440,19 @@ class _Worker:
         self.rbuf, self.wbuf = b"", b""
         self.ready = False
         self.job = None  # (index, id) of the program it runs
-        self.deadline = time.monotonic() + 30.0  # to start up
-        self.uid = None
+        self.deadline = time.monotonic() + 30.0  # to start up; math.inf while idle
 
-    def kill(self):
+    def stop(self) -> str:
+        """Kill the worker if it still runs; says how it ended."""
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait()
+        code = self.proc.wait()
+        return f"worker died ({signal.Signals(-code).name if code < 0 else f'exit code {code}'})"
 
     def close(self):
-        self.kill()
+        self.stop()
         self.proc.stdin.close()
         self.proc.stdout.close()
-
-    def death(self) -> str:
-        self.kill()
-        code = self.proc.returncode
-        if code is not None and code < 0:
-            return f"worker died ({signal.Signals(-code).name})"
-        return f"worker died (exit code {code})"
 
 
 class PotSandbox:
@@ -596,27 +476,26 @@ class PotSandbox:
 
     def close(self):
         for w in self.workers:
-            self._forget(w)
-            w.close()
+            self._drop(w)
         self.workers = []
 
-    def _start(self) -> _Worker:
+    def _start(self):
         w = _Worker(self.config)
         self.started += 1
         self.selector.register(w.rfd, selectors.EVENT_READ, w)
         self.workers.append(w)
-        return w
 
-    def _forget(self, w):
-        for fd in (w.rfd, w.wfd):
-            try:
+    def _drop(self, w):
+        for fd in (w.rfd, w.wfd):  # before the fds are closed: their numbers get reused
+            if fd in self.selector.get_map():
                 self.selector.unregister(fd)
-            except (KeyError, ValueError):
-                pass
-
-    def _replace(self, w):
-        self._forget(w)
         w.close()
+
+    def _replace(self, w, results=None, error=None):
+        """Kill worker w and start another; the program w was running gets `error`."""
+        if w.job is not None:
+            results[w.job[0]] = PotResult(None, error)
+        self._drop(w)
         self.workers.remove(w)
         self._start()
 
@@ -631,25 +510,24 @@ class PotSandbox:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if os.getpid() != self.pid:
             raise RuntimeError("a PotSandbox cannot be used from a forked child; make a new one")
-        results: list[PotResult | None] = [None] * len(codes)
-        pending = deque(range(len(codes)))
-        for i in list(pending):  # refused without a round trip
-            if len(codes[i]) > self.config.max_code_chars:
-                results[i] = PotResult(None, f"program longer than {self.config.max_code_chars}")
-        pending = deque(i for i in pending if results[i] is None)
+        limit = self.config.max_code_chars
+        results = [
+            PotResult(None, f"program longer than {limit}") if len(c) > limit else None
+            for c in codes
+        ]
+        pending = deque(i for i, r in enumerate(results) if r is None)
         try:
             self._dispatch(codes, pending, results, timeout_s)
         except BaseException:  # e.g. KeyboardInterrupt: workers in the middle of a job are lost
             self.close()
             raise
-        assert all(r is not None for r in results)
         return results
 
     def _dispatch(self, codes, pending, results, timeout_s):
-        n_busy, failed_starts = 0, 0
+        failed_starts = 0
         while len(self.workers) < min(self.n_workers, max(len(pending), 1)):
             self._start()
-        while pending or n_busy:
+        while pending or any(w.job is not None for w in self.workers):
             now = time.monotonic()
             for w in self.workers:
                 if w.ready and w.job is None and pending:
@@ -659,11 +537,10 @@ class PotSandbox:
                     req = {"id": job_id, "code": codes[i], "timeout_s": timeout_s}
                     w.wbuf = (json.dumps(req) + "\n").encode()
                     self._flush(w)
-                    n_busy += 1
             wait = min(w.deadline for w in self.workers) - time.monotonic()
             for key, _ in self.selector.select(None if wait == math.inf else max(wait, 0.0)):
                 w = key.data
-                if w not in self.workers:
+                if w not in self.workers:  # replaced earlier in this loop
                     continue
                 if key.fd == w.wfd:
                     self._flush(w)
@@ -673,41 +550,23 @@ class PotSandbox:
                 except BlockingIOError:
                     continue
                 if not chunk:  # it died
-                    if w.job is not None:
-                        results[w.job[0]] = PotResult(None, w.death())
-                        n_busy -= 1
-                    elif not w.ready:
+                    if w.job is None and not w.ready:
                         failed_starts += 1
                         if failed_starts >= 3:
-                            raise RuntimeError(f"PoT sandbox workers fail to start: {w.death()}")
-                    self._replace(w)
+                            raise RuntimeError(f"PoT sandbox workers fail to start: {w.stop()}")
+                    self._replace(w, results, w.stop())
                     continue
                 w.rbuf += chunk
                 while b"\n" in w.rbuf and w in self.workers:
                     line, w.rbuf = w.rbuf.split(b"\n", 1)
-                    done = self._receive(w, line, results)
-                    n_busy -= done
+                    self._receive(w, line, results)
                 if len(w.rbuf) > 1 << 20 and w in self.workers:  # no newline in 1 MiB: garbage
-                    if w.job is not None:
-                        results[w.job[0]] = PotResult(None, "worker sent garbage")
-                        n_busy -= 1
-                    self._replace(w)
+                    self._replace(w, results, "worker sent garbage")
             now = time.monotonic()
-            for w in list(self.workers):
-                if now < w.deadline:
-                    continue
-                if w.job is not None:
-                    results[w.job[0]] = PotResult(None, f"timeout after {timeout_s:g}s")
-                    n_busy -= 1
-                elif not w.ready:
+            for w in [w for w in self.workers if w.deadline <= now]:
+                if not w.ready:
                     raise RuntimeError("PoT sandbox worker did not start within 30 s")
-                else:
-                    w.deadline = float("inf")
-                    continue
-                self._replace(w)
-        for w in self.workers:
-            if w.job is None and w.ready:
-                w.deadline = float("inf")
+                self._replace(w, results, f"timeout after {timeout_s:g}s")
 
     def _flush(self, w):
         try:
@@ -715,54 +574,45 @@ class PotSandbox:
         except (BlockingIOError, BrokenPipeError):
             n = 0
         w.wbuf = w.wbuf[n:]
-        events = selectors.EVENT_WRITE if w.wbuf else 0
         registered = w.wfd in self.selector.get_map()
-        if events and not registered:
-            self.selector.register(w.wfd, events, w)
-        elif not events and registered:
+        if w.wbuf and not registered:
+            self.selector.register(w.wfd, selectors.EVENT_WRITE, w)
+        elif not w.wbuf and registered:
             self.selector.unregister(w.wfd)
 
-    def _receive(self, w, line, results) -> int:
-        """Handle one JSON line from a worker; returns 1 if it finished a program."""
+    def _receive(self, w, line, results):
+        """Handle one JSON line from a worker."""
         try:
             msg = json.loads(line)
-            assert isinstance(msg, dict)
-        except (ValueError, AssertionError):
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict):
             msg = {}
-        if not w.ready:
-            if msg.get("ready") is True:
-                w.ready, w.uid, w.deadline = True, msg.get("uid"), float("inf")
-                return 0
-            self._replace(w)
-            return 0
+        if not w.ready and msg.get("ready") is True:
+            w.ready, w.deadline = True, math.inf
+            return
+        if w.job is None:  # garbage before it was ready, or it spoke out of turn
+            return self._replace(w)
         value, error, stdout = msg.get("value"), msg.get("error"), msg.get("stdout", "")
         ok = (
-            w.job is not None
-            and msg.get("id") == w.job[1]
+            msg.get("id") == w.job[1]
             and (value is None or (type(value) in (int, float) and math.isfinite(value)))
             and (error is None or isinstance(error, str))
             and (value is None) != (error is None)
             and isinstance(stdout, str)
         )
-        if w.job is None:
-            self._replace(w)  # it spoke out of turn
-            return 0
-        i = w.job[0]
-        w.job = None
         if not ok:
-            results[i] = PotResult(None, "worker sent an invalid result")
-            self._replace(w)
-            return 1
-        results[i] = PotResult(None if value is None else float(value), error, stdout)
+            return self._replace(w, results, "worker sent an invalid result")
+        results[w.job[0]] = PotResult(None if value is None else float(value), error, stdout)
+        w.job, w.deadline = None, math.inf
         if msg.get("retire") is True:
             self._replace(w)
-        return 1
 
 
 def default_workers() -> int:
     """The CPUs this process may run on."""
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
+        return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
 
 
@@ -799,11 +649,7 @@ def close_sandboxes():
 
 atexit.register(close_sandboxes)
 
-if __name__ == "__main__":
-    # Not a user-facing CLI: the entry point of a sandbox worker, started by PotSandbox with
-    # `python -I -S verify.py --worker` (no argparse: the worker loads as few modules as it can).
+if __name__ == "__main__":  # the worker's entry point (no argparse: it loads few modules)
     if sys.argv[1:] != ["--worker"]:
-        sys.exit(
-            "verify.py is a library; `--worker` is the internal entry point of the PoT sandbox"
-        )
+        sys.exit("verify.py is a library; `--worker` is the PoT sandbox's internal entry point")
     _worker_main(SandboxConfig(**json.loads(os.environ["SIKED_SANDBOX_CONFIG"])))
