@@ -4,24 +4,18 @@
     qwen2  Qwen2, Qwen2.5: llama plus a bias on the q/k/v projections
     gemma  Gemma 1: GeGLU (tanh GELU), sqrt(dim)-scaled embeddings, RMSNorm with (1 + w), MQA on 2B
 
-Module names follow HF's state-dict layout, so checkpoints load as they are and a model saved here
-loads in transformers unchanged. Run it:
+Module names follow HF's state-dict layout: checkpoints load as they are, saved ones load in
+transformers. `python model.py --model smollm2-135m-instruct --prompt "..."` prints a greedy
+continuation (sample.py is the fast sampler). Weights come from a folder, an alias (ALIASES) or an
+HF repo id (an HF cache is reused, else urllib fetches from $HF_ENDPOINT with $HF_TOKEN into
+$SIKED_CACHE, default ~/.cache/siked). Loaded in their own dtype they stay copy-on-write maps of the
+safetensors file (gpt-fast's mmap=True): never rewrite a checkpoint in place while a model loaded
+from it lives (save_pretrained replaces whole folders by renaming).
 
-    python model.py --model smollm2-135m-instruct --prompt "The capital of France is"
-
-It prints the parameter count, the dtype and a greedy continuation (sample.py is the fast sampler).
-Weights come from a local folder, an alias (ALIASES) or any HF repo id, downloaded with urllib from
-$HF_ENDPOINT (default https://huggingface.co) with $HF_TOKEN; an existing HF cache is reused, else
-files land in $SIKED_CACHE (default ~/.cache/siked). Loaded on the CPU in the file's own dtype (bf16
-for these checkpoints), the weights stay copy-on-write maps of the safetensors file, as with
-gpt-fast's torch.load(mmap=True): never rewrite a checkpoint file in place while a model loaded from
-it lives (save_pretrained replaces whole folders by renaming).
-
-Sources: karpathy/nanoGPT model.py and pytorch-labs/gpt-fast model.py (layout, KVCache, meta-device
-loading); meta-llama/llama3 llama/model.py (names, fp32 norms). The numerics we must match are
-transformers' models/{llama,qwen2,gemma}/modeling_*.py: rotate_half RoPE, LlamaRMSNorm (cast before
-the weight multiply), GemmaRMSNorm ((1 + w) in fp32, then cast), Gemma's embedding scale, and
-modeling_rope_utils._compute_llama3_parameters.
+Sources: karpathy/nanoGPT and pytorch-labs/gpt-fast model.py (layout, KVCache, meta-device
+loading); meta-llama/llama3 model.py (names, fp32 norms). Numerics follow transformers'
+modeling_{llama,qwen2,gemma}.py: rotate_half RoPE, LlamaRMSNorm (cast before the weight multiply),
+GemmaRMSNorm ((1 + w) in fp32, then cast), Gemma's embedding scale, _compute_llama3_parameters.
 """
 
 import argparse
@@ -97,10 +91,9 @@ class ModelConfig:
         act = d.get("hidden_act") or d.get("hidden_activation")
         if act not in (("gelu", "gelu_pytorch_tanh") if family == "gemma" else ("silu",)):
             raise unsupported(f"hidden_act {act!r} for {family}", "silu, or gelu for gemma")
-        if d.get("mlp_bias") or (family != "qwen2" and d.get("attention_bias")):
-            raise unsupported("attention_bias/mlp_bias", "false")
-        if d.get("use_sliding_window"):
-            raise unsupported("use_sliding_window", "false")
+        bias = () if family == "qwen2" else ("attention_bias",)
+        if bad := [f for f in ("mlp_bias", "use_sliding_window", *bias) if d.get(f)]:
+            raise unsupported(bad[0], "false")
         n_heads = d["num_attention_heads"]
         return cls(
             family=family,
@@ -121,9 +114,7 @@ class ModelConfig:
         )
 
 
-# ----------------------------------------------------------------------------- building blocks
-
-
+# ----------------------------------------------------------------------------- the model
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
@@ -180,9 +171,8 @@ class Attention(nn.Module):
         hd = self.head_dim
         q = self.q_proj(x).view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, n_heads, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv_heads, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv_heads, T, hd)
-        # RoPE; cos, sin: (B or 1, 1, T, hd)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # RoPE
         if kv_cache is not None:
             k, v = kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, hd)
         gqa = self.n_kv_heads != self.n_heads
@@ -211,8 +201,8 @@ class MLP(nn.Module):
         self.gemma = config.family == "gemma"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
         # Gemma's config says "gelu" but means the tanh approximation (transformers PR #29402)
+        gate = self.gate_proj(x)
         gate = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)
         return self.down_proj(gate * self.up_proj(x))
 
@@ -240,45 +230,30 @@ class KVCache:
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # k, v: (B, n_kv_heads, T, head_dim); input_pos: (T,) for all rows or (B, T) per row
-        if input_pos.dim() == 1:
-            self.k_cache[:, :, input_pos] = k
-            self.v_cache[:, :, input_pos] = v
-        else:
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
-            # indices on dims 0 and 2 put their (B, T) shape first: (B, T, n_kv_heads, head_dim)
-            self.k_cache[rows, :, input_pos] = k.transpose(1, 2)
-            self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
+        # k, v: (B, n_kv_heads, T, head_dim); input_pos: (T,) for all rows or (B, T) per row.
+        # Indices on dims 0 and 2 put their (B, T) shape first: (B, T, n_kv_heads, head_dim).
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+        self.k_cache[rows, :, input_pos] = k.transpose(1, 2)
+        self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
         return self.k_cache, self.v_cache
-
-
-# ----------------------------------------------------------------------------- the model
 
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        gemma = config.family == "gemma"
-        # On the meta device (from_pretrained) nn.Embedding's normal_ init and arange would run
-        # torch's Python meta kernels, whose first use imports ~70 MB (sympy, torch._dynamo):
-        # the embedding skips its init there, and the RoPE table is computed on the CPU.
-        embed = nn.Embedding(
-            config.vocab_size, config.dim, _weight=torch.empty(config.vocab_size, config.dim)
-        )
+        # On the meta device (from_pretrained) the embedding skips its normal_ init and the RoPE
+        # table is computed on the CPU: torch's meta kernels for them import ~70 MB (sympy, dynamo).
+        V, D = config.vocab_size, config.dim
+        embed = nn.Embedding(V, D, _weight=torch.empty(V, D))
         if not embed.weight.is_meta:
             nn.init.normal_(embed.weight)  # nn.Embedding's own init
-        self.model = nn.ModuleDict(
-            dict(
-                embed_tokens=embed,
-                layers=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
-                norm=RMSNorm(config.dim, config.norm_eps, unit_offset=gemma),
-            )
-        )
+        self.model = nn.Module()  # HF's "model." prefix on the decoder's weights
+        self.model.embed_tokens = embed
+        self.model.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.model.norm = RMSNorm(D, config.norm_eps, unit_offset=config.family == "gemma")
         # tied: the output projection is the embedding matrix and no lm_head.weight is stored
-        self.lm_head = None
-        if not config.tie_embeddings:
-            self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(D, V, bias=False)
         inv_freq = rope_inv_freq(config).to(embed.weight.device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -290,19 +265,14 @@ class Transformer(nn.Module):
 
     def setup_kv_cache(self, batch_size, max_len, dtype=None, device=None) -> list[KVCache]:
         w, c = self.model.embed_tokens.weight, self.config
-        dtype, device = dtype or w.dtype, device or w.device
-        shape = (batch_size, max_len, c.n_kv_heads, c.head_dim)
-        return [KVCache(*shape, dtype, device) for _ in range(c.n_layers)]
+        args = (batch_size, max_len, c.n_kv_heads, c.head_dim, dtype or w.dtype, device or w.device)
+        return [KVCache(*args) for _ in range(c.n_layers)]
 
     def forward(self, tokens, input_pos=None, mask=None, kv_cache=None, last_only=False):
         """tokens (B, T) -> float32 logits (B, T, vocab), or (B, 1, vocab) when last_only.
-
-        input_pos: (T,) or (B, T) RoPE positions, default arange(T); with a cache they also pick
-        the slots written. mask: bool, broadcastable to (B, 1, T, S), True = may attend; every
-        query row needs one True (a fully masked row turns NaN and spreads through the keys of
-        later layers). None = causal: SDPA's is_causal without a cache; with our KVCache, the
-        token at position p sees slots s <= p.
-        """
+        input_pos: (T,) or (B, T) positions (default arange(T)), also the cache slots written.
+        mask: bool, broadcastable to (B, 1, T, S), True = may attend, a True in every row (else
+        NaN); None = causal (with a KVCache, position p sees slots <= p)."""
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device)
@@ -359,32 +329,33 @@ class Transformer(nn.Module):
             (tmp / "config.json").write_text(json.dumps(hf, indent=2))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            if folder.exists():  # the old folder stays whole until the new one is in place
-                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            # the old folder stays whole until the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            if folder.exists():
                 folder.rename(old / folder.name)
-                tmp.rename(folder)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(folder)
+            tmp.rename(folder)
+            shutil.rmtree(old)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- weight loading
+# ----------------------------------------------------------------------------- checkpoints
+def weight_files(folder: Path) -> tuple[Path, list[Path]]:
+    """(source, files): model.safetensors alone, else the index and the shards it names."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file() or not index.is_file():
+        return single, [single]
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return index, [folder / name for name in names]
 
 
 def load_weights(folder: Path, expected: dict, device, dtype) -> dict:
     """Every tensor `expected` (name -> meta tensor) names, shape-checked, as dtype on device."""
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        source, files = single, [single]
-    elif index.is_file():
-        source, names = index, sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / name for name in names]
-        if lost := [f.name for f in files if not f.is_file()]:
-            raise ValueError(f"{index}: shard {lost[0]} is missing")
-    else:
+    source, files = weight_files(folder)
+    if not source.is_file():
         raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    if lost := [f.name for f in files if not f.is_file()]:
+        raise ValueError(f"{source}: shard {lost[0]} is missing")
     # tied checkpoints may still carry lm_head.weight; old conversions saved RoPE tables
     ignored = re.compile(r"lm_head\.weight|.*rotary_emb\.inv_freq")
     state = {}
@@ -392,9 +363,9 @@ def load_weights(folder: Path, expected: dict, device, dtype) -> dict:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
+                    if key not in expected and ignored.fullmatch(key):
+                        continue
                     if key not in expected:
-                        if ignored.fullmatch(key):
-                            continue
                         raise ValueError(f"{path}: unexpected tensor {key!r} (not in the model)")
                     shape, want = tuple(f.get_slice(key).get_shape()), tuple(expected[key].shape)
                     if shape != want:
@@ -405,29 +376,20 @@ def load_weights(folder: Path, expected: dict, device, dtype) -> dict:
             reason = " ".join(str(e).split())
             raise ValueError(f"{path}: not a valid safetensors file ({reason})") from None
     if missing := [k for k in expected if k not in state]:
-        shape = tuple(expected[missing[0]].shape)
+        key, shape = missing[0], tuple(expected[missing[0]].shape)
         raise ValueError(
-            f"{source}: missing tensor {missing[0]!r} of shape {shape} "
-            f"({len(missing)} missing in all)"
+            f"{source}: missing tensor {key!r} of shape {shape} ({len(missing)} in all)"
         )
     return state
 
-
-# ----------------------------------------------------------------------------- finding checkpoints
 
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 OPTIONAL_FILES = ("special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 
 def _complete(folder: Path, weights: bool) -> bool:
-    if not all((folder / f).is_file() for f in REQUIRED_FILES):
-        return False
-    if not weights or (folder / "model.safetensors").is_file():
-        return True
-    index = folder / "model.safetensors.index.json"
-    return index.is_file() and all(
-        (folder / f).is_file() for f in json.loads(index.read_text())["weight_map"].values()
-    )
+    files = [folder / f for f in REQUIRED_FILES] + (weight_files(folder)[1] if weights else [])
+    return all(f.is_file() for f in files)
 
 
 def resolve_checkpoint(name_or_path, *, weights: bool = True) -> Path:
@@ -444,15 +406,14 @@ def resolve_checkpoint(name_or_path, *, weights: bool = True) -> Path:
             f"unknown model {str(name_or_path)!r}: not a folder, an HF repo id "
             f"(org/name) or an alias ({', '.join(ALIASES)})"
         )
+    slug = repo.replace("/", "--")
     hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
-    cached = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub")
-    cached = cached / f"models--{repo.replace('/', '--')}"
+    cached = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub") / f"models--{slug}"
     if (cached / "refs" / "main").is_file():
         snapshot = cached / "snapshots" / (cached / "refs" / "main").read_text().strip()
         if _complete(snapshot, weights):
             return snapshot
-    dest = Path(os.environ.get("SIKED_CACHE") or Path.home() / ".cache" / "siked")
-    dest = dest / repo.replace("/", "--")
+    dest = Path(os.environ.get("SIKED_CACHE") or Path.home() / ".cache" / "siked") / slug
     if _complete(dest, weights):
         return dest
     # config first (a gated repo fails fast), weights last (their presence marks a full folder)
@@ -460,9 +421,8 @@ def resolve_checkpoint(name_or_path, *, weights: bool = True) -> Path:
         download(repo, name, dest, optional=name in OPTIONAL_FILES)
     if weights and not download(repo, "model.safetensors", dest, optional=True):
         download(repo, "model.safetensors.index.json", dest)
-        index = json.loads((dest / "model.safetensors.index.json").read_text())
-        for shard in sorted(set(index["weight_map"].values())):
-            download(repo, shard, dest)
+        for shard in weight_files(dest)[1]:
+            download(repo, shard.name, dest)
     return dest
 
 
@@ -470,18 +430,15 @@ class _SameHostAuth(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         auth = req.unredirected_hdrs.get("Authorization")
-        same_host = new is not None and urlsplit(newurl).netloc == urlsplit(req.full_url).netloc
-        if auth and same_host:
+        if new and auth and urlsplit(newurl).netloc == urlsplit(req.full_url).netloc:
             new.add_unredirected_header("Authorization", auth)
         return new
 
 
 def download(repo: str, name: str, dest: Path, optional: bool = False) -> bool:
-    """Fetch {endpoint}/{repo}/resolve/main/{name} into dest/name, resuming dest/name.part.
-
-    False for a missing optional file. HF_TOKEN follows redirects on the same host only: the hub
-    sends LFS files to signed CDN URLs that reject a second credential.
-    """
+    """Fetch {endpoint}/{repo}/resolve/main/{name} into dest/name, resuming dest/name.part; False
+    for a missing optional file. HF_TOKEN follows same-host redirects only: the hub sends LFS
+    files to signed CDN URLs that reject a second credential."""
     target, part = dest / name, dest / (name + ".part")
     if target.is_file():
         return True
@@ -498,10 +455,8 @@ def download(repo: str, name: str, dest: Path, optional: bool = False) -> bool:
         resp = urllib.request.build_opener(_SameHostAuth).open(req, timeout=60)
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
-            raise ValueError(
-                f"{repo}: HTTP {e.code} for {name}: the repo is gated, private or "
-                "missing; accept its licence on the hub and set HF_TOKEN"
-            ) from None
+            hint = "the repo is gated, private or missing; accept its licence and set HF_TOKEN"
+            raise ValueError(f"{repo}: HTTP {e.code} for {name}: {hint}") from None
         if e.code == 404 and optional:
             return False
         if e.code == 404:
@@ -522,18 +477,13 @@ def download(repo: str, name: str, dest: Path, optional: bool = False) -> bool:
                     bar.update(len(chunk))
         except (OSError, http.client.HTTPException) as e:
             raise ConnectionError(f"{url}: {e}; run again to resume from {part}") from None
-    if total is not None and part.stat().st_size != total:
-        raise ConnectionError(
-            f"{url}: stopped at {part.stat().st_size} of {total} bytes; run "
-            f"again to resume from {part}"
-        )
+    if total is not None and (got := part.stat().st_size) != total:
+        raise ConnectionError(f"{url}: got {got} of {total} bytes; run again to resume from {part}")
     part.replace(target)
     return True
 
 
 # ----------------------------------------------------------------------------- tokenizer
-
-
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -544,11 +494,8 @@ def _ids(x) -> list:  # config ids are a number, a list or null
 
 class Tokenizer:
     """tokenizers.Tokenizer plus the checkpoint's special ids and its chat format, written by hand.
-
-    encode(text) adds no special tokens; bos=True prepends bos. Pass bos=tok.add_bos to match
-    transformers' tokenizer(text) (True for Gemma, False for SmolLM2 and Qwen2). Special tokens
-    written in the text, as chat() writes them, become their ids.
-    """
+    encode(text, bos=tok.add_bos) matches transformers' tokenizer(text); special tokens written in
+    the text (as chat() writes them) become their ids."""
 
     FILES = ("tokenizer.json", "tokenizer_config.json", *OPTIONAL_FILES)
 
@@ -567,8 +514,7 @@ class Tokenizer:
                 return self.tok.token_to_id(tok["content"] if isinstance(tok, dict) else tok)
             return (_ids(cfg.get(f"{kind}_token_id", gen.get(f"{kind}_token_id"))) or [None])[0]
 
-        self.bos_id, self.eos_id = special_id("bos"), special_id("eos")
-        self.pad_id = special_id("pad")
+        self.bos_id, self.eos_id, self.pad_id = map(special_id, ("bos", "eos", "pad"))
         if self.pad_id is None:  # padded positions are masked out: any id will do
             self.pad_id = self.eos_id
         # does transformers' tokenizer(text) prepend bos? add_bos_token if given, else the
@@ -633,9 +579,6 @@ class Tokenizer:
                 shutil.copyfile(self.folder / name, Path(folder) / name)
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
 @torch.no_grad()
 def greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_ids=()) -> list:
     """The simplest cached decoding loop: one prefill, then one token per step."""
@@ -653,24 +596,6 @@ def greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_
     return out
 
 
-def main(
-    model: str = "smollm2-135m-instruct",
-    prompt: str = "The capital of France is",
-    max_new_tokens: int = 32,
-    dtype: str = "bfloat16",
-    device: str = "cpu",
-    chat: bool = False,
-) -> str:
-    net = Transformer.from_pretrained(model, device=device, dtype=getattr(torch, dtype))
-    tok = Tokenizer.from_pretrained(model)
-    n_params = sum(p.numel() for p in net.parameters())
-    print(f"{model}: {n_params / 1e6:.1f}M parameters, {dtype} on {device}")
-    text = tok.chat([{"role": "user", "content": prompt}]) if chat else prompt
-    out = tok.decode(greedy(net, tok.encode(text, bos=tok.add_bos), max_new_tokens, tok.stop_ids))
-    print(text + out)
-    return out
-
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Load a checkpoint and print a greedy continuation.")
     p.add_argument("--model", default="smollm2-135m-instruct", help="folder, alias or HF repo id")
@@ -679,4 +604,11 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default="bfloat16", help="weights' dtype: float32, bfloat16 ...")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format")
-    main(**vars(p.parse_args()))
+    args = p.parse_args()
+    net = Transformer.from_pretrained(args.model, args.device, getattr(torch, args.dtype))
+    tok = Tokenizer.from_pretrained(args.model)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"{args.model}: {n_params / 1e6:.1f}M parameters, {args.dtype} on {args.device}")
+    text = tok.chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    ids = greedy(net, tok.encode(text, bos=tok.add_bos), args.max_new_tokens, tok.stop_ids)
+    print(text + tok.decode(ids))
