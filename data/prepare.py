@@ -3,37 +3,27 @@
     python data/prepare.py --from ../shared/data   # a local folder laid out like ../shared/data
     python data/prepare.py                         # download the canonical URLs (sha256-checked)
 
-and from Python (siked.py): `from data import prepare; rows = prepare.load("gsm8k", "train")`, which
-prepares the dataset on first use. The source folder is `--from DIR`, else the `SIKED_DATA`
-environment variable, else the canonical URLs below, downloaded with urllib into data/raw/. Every
-raw file is checked against its sha256 (../shared/data/README.md). Output: data/<name>/<split>.jsonl
-(gitignored), one row a line:
-
-    {"id": str, "question": str, "answer": float, "rationale"?: str, "socratic"?: str,
-     "equation"?: str}
-
-Datasets and splits (SPEC.md section 3, and [R] = the authors' code, inference_all_chk_all_data.py):
-- gsm8k train (7473) / test (1319): id "gsm8k-<split>-<row index>"; answer = the text after `####`
-  with `,` and `$` removed; rationale = the text before `####`. The socratic files (sub-question
-  rationales, for the gold L2M teacher) are optional: where `gsm8k/<split>_socratic.jsonl` exists,
-  its rationale lands in the rows' "socratic" field; where it does not (train_socratic is not in
-  ../shared/data) this says so once and carries on without. The train_socratic file has no
-  published sha256: it is checked row by row against train.jsonl instead (same questions, same
-  answers).
-- svamp test (1000): id "svamp-<ID>"; question = Body + " " + Question exactly as [R] joins them
-  (whitespace trimmed, no period added where a Body ends mid-sentence).
-- asdiv test: id "asdiv-<ID>"; question = Body + " " + Question; the answer drops its unit in
-  parentheses ("9 (apples)" -> 9.0) and may be a fraction ("5/2", "-(1/3)"). Where the answer text
-  is not a number, the result after the last `=` of Formula is taken only when it equals the one
-  number in the answer text ("6th", "February 3rd"): [R]'s unconditional fallback turns "They are
-  equal" into 0.833 and "Vendor 2" into 10.66. Everything else (names, yes/no, ratios "2:3", clock
-  times, several answers "9; 11") is skipped and counted in a summary line: 2096 of 2305 kept
-  (2084 plain numbers, 9 fractions, 3 from Formula), 209 skipped.
-- multiarith test (600): id "multiarith-<iIndex>"; question = sQuestion, answer = lSolutions[0]. All
-  600 rows: the paper's 180-question split (HF ChilleD/MultiArith) is not reproducible here.
+From Python (siked.py): `prepare.load("gsm8k", "train")`, which prepares the dataset on first use.
+Source: `--from DIR`, else $SIKED_DATA, else the URLs in FILES (into data/raw/); every raw file is
+checked against its sha256 (../shared/data/README.md). Output: data/<name>/<split>.jsonl, rows
+{"id", "question", "answer": float, "rationale"?, "socratic"?, "equation"?}; ids "<name>-<ID>".
+Per dataset (SPEC.md section 3; [R] = the authors' code, inference_all_chk_all_data.py):
+- gsm8k train 7473 / test 1319, ids "gsm8k-<split>-<row>": answer = the text after `####` without
+  `,` and `$`, rationale = the text before it. Where `gsm8k/<split>_socratic.jsonl` exists its
+  rationale becomes "socratic" (for the gold L2M teacher). train_socratic is not in ../shared/data
+  (said once) and has no published sha256: it is checked row by row against train.jsonl instead.
+- svamp test 1000: question = Body + " " + Question, trimmed, exactly as [R] joins them.
+- asdiv test: question = Body + " " + Question; the answer without its unit ("9 (apples)" -> 9.0),
+  maybe a fraction ("5/2", "-(1/3)"). A non-numeric answer takes the result after Formula's last
+  `=` only where it equals the one number in the answer ("6th", "February 3rd"); [R] always does,
+  turning "They are equal" into 0.833. The rest (names, yes/no, "2:3", clock times, "9; 11") is
+  skipped and counted: 2096 of 2305 kept (9 fractions, 3 from Formula), 209 skipped.
+- multiarith test 600, ids "multiarith-<iIndex>": sQuestion, lSolutions[0]. All 600 rows: the
+  paper's 180-question split (HF ChilleD/MultiArith) is not reproducible here.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -49,6 +39,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 DATA_DIR = Path(__file__).resolve().parent  # data/<name>/<split>.jsonl; raw downloads in data/raw/
+Where = str | Path | None  # a folder argument; None: the default
 
 
 @dataclass(frozen=True)
@@ -85,12 +76,7 @@ FILES: dict[str, Remote] = {
         "394590692df77f8fbbfeb11aaa66b206bb70fb30a219a001dcf4032cb7a6d9aa",
     ),
 }
-SPLITS: dict[str, tuple[str, ...]] = {
-    "gsm8k": ("train", "test"),
-    "svamp": ("test",),
-    "asdiv": ("test",),
-    "multiarith": ("test",),
-}
+SPLITS = dict(gsm8k=("train", "test"), svamp=("test",), asdiv=("test",), multiarith=("test",))
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _FRACTION = re.compile(r"(-?)\(?(\d+)/(\d+)\)?")  # 5/2, -(1/3)
@@ -129,16 +115,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_sha256(path: Path, rel: str) -> None:
-    want = FILES[rel].sha256
-    if want is None:
-        return
-    got = sha256_file(path)
-    if got != want:
-        raise ValueError(
-            f"{path}: sha256 {got} does not match the expected {want} for {rel} "
-            "(a corrupted or different copy)"
-        )
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "w"):
+    """A file beside path, fsynced and renamed over it when the block ends; removed on error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class DownloadError(ValueError):
@@ -150,12 +141,9 @@ class DownloadError(ValueError):
 
 
 def download(url: str, dest: Path, progress: bool = True, timeout_s: float = 60.0) -> None:
-    """Stream url into dest atomically (a temporary file beside it, renamed when complete)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
+    """Stream url into dest through atomic_open; a DownloadError naming the URL where it cannot."""
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with atomic_open(dest, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(
                 total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
@@ -163,32 +151,21 @@ def download(url: str, dest: Path, progress: bool = True, timeout_s: float = 60.
                 for block in iter(lambda: resp.read(1 << 16), b""):
                     f.write(block)
                     bar.update(len(block))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        Path(tmp).unlink(missing_ok=True)
+    except OSError as e:  # URLError, HTTPError, TimeoutError, a full disk
         if isinstance(e, urllib.error.HTTPError):
-            reason = f"HTTP {e.code} {e.reason}"
-        else:
-            reason = str(getattr(e, "reason", None) or e)
-        raise DownloadError(url, reason) from None
-
-
-def source_dir(source: str | Path | None = None) -> Path | None:
-    """The local source folder: the argument, else $SIKED_DATA, else None (download)."""
-    source = source or os.environ.get("SIKED_DATA")
-    return Path(source).expanduser() if source else None
+            raise DownloadError(url, f"HTTP {e.code} {e.reason}") from None
+        raise DownloadError(url, str(getattr(e, "reason", None) or e)) from None
 
 
 def fetch(
-    rel: str, source: str | Path | None = None, raw_dir: Path | None = None, progress: bool = True
+    rel: str, source: Where = None, raw_dir: Where = None, progress: bool = True
 ) -> Path | None:
-    """The checked local path of a raw file (rel as in FILES); None for a missing optional file."""
+    """The checked local path of a raw file (rel as in FILES), from the folder `source`, else
+    $SIKED_DATA, else downloaded into raw_dir; None for a missing optional file."""
     remote = FILES[rel]
-    src = source_dir(source)
-    if src is not None:
-        path = src / rel
+    source = source or os.environ.get("SIKED_DATA")
+    if source:
+        path = Path(source).expanduser() / rel
         if not path.is_file():
             if remote.optional:
                 note(f"prepare: {path} is missing: carrying on without it")
@@ -197,7 +174,7 @@ def fetch(
                 f"{path}: missing (expected {rel}, as listed in data/prepare.py FILES)"
             )
     else:
-        path = (raw_dir or DATA_DIR / "raw") / rel
+        path = Path(raw_dir or DATA_DIR / "raw") / rel
         if not path.is_file():
             try:
                 download(remote.url, path, progress=progress)
@@ -206,7 +183,11 @@ def fetch(
                     raise
                 note(f"prepare: {rel} is not available ({e.reason}): carrying on without it")
                 return None
-    check_sha256(path, rel)
+    if remote.sha256 is not None and (got := sha256_file(path)) != remote.sha256:
+        raise ValueError(
+            f"{path}: sha256 {got} does not match the expected {remote.sha256} for {rel} "
+            "(a corrupted or different copy)"
+        )
     return path
 
 
@@ -222,28 +203,25 @@ def _json_items(path: Path) -> list[tuple[int, object]]:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}:1: expected a JSON list of problems, got {type(data).__name__}")
-    decoder, skip = json.JSONDecoder(), re.compile(r"[\s,]*")
-    pos = text.index("[") + 1
-    line, lines = 1 + text.count("\n", 0, pos), []
-    for _ in data:
-        start = skip.match(text, pos).end()
-        line += text.count("\n", pos, start)
-        lines.append(line)
-        _, pos = decoder.raw_decode(text, start)
-        line += text.count("\n", start, pos)
-    return list(zip(lines, data, strict=True))
+    decoder, skip, items = json.JSONDecoder(), re.compile(r"[\s,]*"), []
+    pos = counted = text.index("[") + 1
+    line = 1 + text.count("\n", 0, pos)
+    for item in data:
+        pos = skip.match(text, pos).end()
+        line, counted = line + text.count("\n", counted, pos), pos
+        items.append((line, item))
+        pos = decoder.raw_decode(text, pos)[1]
+    return items
 
 
-def _field(path: Path, line: int, item: object, key: str, kind: type | tuple) -> object:
-    if not isinstance(item, dict) or not isinstance(item.get(key), kind):
-        raise ValueError(
-            f"{path}:{line}: expected a problem with a {key!r} field, got {item!r:.80}"
-        )
-    return item[key]
-
-
-def _join(body: str, question: str) -> str:
-    return body.strip() + " " + question.strip()
+def _fields(path: Path, line: int, item: object, **kinds: type | tuple) -> list:
+    """item[key] for each key=type, in order; a one-line error naming file and line if one lacks."""
+    for key, kind in kinds.items():
+        if not isinstance(item, dict) or not isinstance(item.get(key), kind):
+            raise ValueError(
+                f"{path}:{line}: expected a problem with a {key!r} field, got {item!r:.80}"
+            )
+    return [item[key] for key in kinds]
 
 
 def parse_gsm8k_file(path: Path) -> list[tuple[str, str, float]]:
@@ -255,8 +233,7 @@ def parse_gsm8k_file(path: Path) -> list[tuple[str, str, float]]:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            question = _field(path, lineno, item, "question", str)
-            solution = _field(path, lineno, item, "answer", str)
+            question, solution = _fields(path, lineno, item, question=str, answer=str)
             rationale, sep, final = solution.rpartition("####")
             answer = parse_number(final) if sep else None
             if answer is None:
@@ -284,35 +261,29 @@ def parse_gsm8k(path: Path, split: str, socratic_path: Path | None = None) -> li
 def parse_svamp(path: Path) -> list[dict]:
     rows = []
     for line, item in _json_items(path):
-        answer = _field(path, line, item, "Answer", (int, float))
-        rows.append(
-            {
-                "id": f"svamp-{_field(path, line, item, 'ID', str)}",
-                "question": _join(
-                    _field(path, line, item, "Body", str), _field(path, line, item, "Question", str)
-                ),
-                "answer": float(answer),
-                "equation": _field(path, line, item, "Equation", str).strip(),
-            }
+        answer, pid, body, question, equation = _fields(
+            path, line, item, Answer=(int, float), ID=str, Body=str, Question=str, Equation=str
         )
+        rows.append(
+            dict(id=f"svamp-{pid}", question=f"{body.strip()} {question.strip()}",
+                 answer=float(answer), equation=equation.strip())
+        )  # fmt: skip
     return rows
 
 
 def parse_multiarith(path: Path) -> list[dict]:
     rows = []
     for line, item in _json_items(path):
-        solutions = _field(path, line, item, "lSolutions", list)
+        (solutions,) = _fields(path, line, item, lSolutions=list)
         if not solutions or not isinstance(solutions[0], (int, float)):
             raise ValueError(f"{path}:{line}: expected a number in lSolutions, got {solutions!r}")
-        equations = _field(path, line, item, "lEquations", list)
-        rows.append(
-            {
-                "id": f"multiarith-{_field(path, line, item, 'iIndex', int)}",
-                "question": _field(path, line, item, "sQuestion", str).strip(),
-                "answer": float(solutions[0]),
-                "equation": str(equations[0]).strip() if equations else "",
-            }
+        equations, index, question = _fields(
+            path, line, item, lEquations=list, iIndex=int, sQuestion=str
         )
+        rows.append(
+            dict(id=f"multiarith-{index}", question=question.strip(), answer=float(solutions[0]),
+                 equation=str(equations[0]).strip() if equations else "")
+        )  # fmt: skip
     return rows
 
 
@@ -337,7 +308,7 @@ def parse_asdiv(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
         root = ET.fromstring(text)
     except ET.ParseError as e:
         raise ValueError(f"{path}:{e.position[0]}: not valid XML ({e})") from None
-    # ElementTree keeps no line numbers: find each Problem's line from its ID attribute.
+    # ElementTree keeps no line numbers: each Problem's line, found by its ID, for errors
     lines, line, pos = {}, 1, 0
     for m in re.finditer(r'<Problem\b[^>]*\bID="([^"]*)"', text):
         line += text.count("\n", pos, m.start())
@@ -357,14 +328,11 @@ def parse_asdiv(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
             skipped.append((pid, fields["Answer"].strip()))
             continue
         from_formula += how == "formula"
+        question = f"{fields['Body'].strip()} {fields['Question'].strip()}"
         rows.append(
-            {
-                "id": f"asdiv-{pid}",
-                "question": _join(fields["Body"], fields["Question"]),
-                "answer": answer,
-                "equation": fields["Formula"].strip(),
-            }
-        )
+            dict(id=f"asdiv-{pid}", question=question, answer=answer,
+                 equation=fields["Formula"].strip())
+        )  # fmt: skip
     examples = ", ".join(f"{pid} {a!r}" for pid, a in skipped[:3])
     print(
         f"asdiv: {len(rows) + len(skipped)} problems, {len(rows)} with a numeric answer kept "
@@ -379,20 +347,8 @@ def parse_asdiv(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write rows atomically: a temporary file beside path, fsynced, then renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -408,18 +364,13 @@ def _check_name(name: str, split: str | None = None) -> None:
 
 
 def prepare(
-    name: str,
-    *,
-    source: str | Path | None = None,
-    out_dir: str | Path | None = None,
-    raw_dir: str | Path | None = None,
+    name: str, *, source: Where = None, out_dir: Where = None, raw_dir: Where = None,
     progress: bool = True,
-) -> dict[str, int]:
+) -> dict[str, int]:  # fmt: skip
     """Write data/<name>/<split>.jsonl for every split of one dataset; returns rows per split."""
     _check_name(name)
     out = Path(out_dir) if out_dir is not None else DATA_DIR
-    raw = Path(raw_dir) if raw_dir is not None else None
-    get = lambda rel: fetch(rel, source=source, raw_dir=raw, progress=progress)
+    get = lambda rel: fetch(rel, source=source, raw_dir=raw_dir, progress=progress)
     if name == "gsm8k":
         splits = {
             s: parse_gsm8k(get(f"gsm8k/{s}.jsonl"), s, get(f"gsm8k/{s}_socratic.jsonl"))
@@ -437,12 +388,7 @@ def prepare(
 
 
 def load(
-    name: str,
-    split: str,
-    *,
-    source: str | Path | None = None,
-    out_dir: str | Path | None = None,
-    progress: bool = True,
+    name: str, split: str, *, source: Where = None, out_dir: Where = None, progress: bool = True
 ) -> list[dict]:
     """The normalised rows of one split, preparing the dataset first if its file is not there."""
     _check_name(name, split)
@@ -453,10 +399,7 @@ def load(
 
 
 def main(
-    source: str | None = None,
-    out_dir: str | None = None,
-    names: tuple[str, ...] = tuple(SPLITS),
-    progress: bool = True,
+    source: Where = None, out_dir: Where = None, names: tuple = tuple(SPLITS), progress: bool = True
 ) -> dict[str, dict[str, int]]:
     counts = {}
     for name in names:
@@ -468,12 +411,10 @@ def main(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Prepare SIKeD's four datasets as JSONL splits.")
     parser.add_argument(
-        "--from",
-        dest="source",
-        default=None,
+        "--from", dest="source",
         help="local folder laid out like ../shared/data (default: $SIKED_DATA, else download)",
-    )
-    parser.add_argument("--out", default=None, help="output root (default: data/ beside this file)")
+    )  # fmt: skip
+    parser.add_argument("--out", help="output root (default: data/ beside this file)")
     parser.add_argument(
         "--only", nargs="+", choices=list(SPLITS), default=list(SPLITS), help="datasets to prepare"
     )
