@@ -1,75 +1,59 @@
 """Batched KV-cache sampling with shared prefixes and continuous batching.
 
 SIKeD spends most of its compute here: each iteration the student writes 10 solutions per strategy
-for every training question (../shared/SPEC.md), and every evaluation decodes greedily. One call:
+for every training question (../shared/SPEC.md), and every evaluation decodes greedily.
 
     completions = generate(model, tokenizer, prompts, n=10, max_new_tokens=512, temperature=0.7,
                            top_p=0.95, stop=STOP, seed=0)
-
     python sample.py --model smollm2-135m-instruct --prompt "What is 2+3?" --chat --n 4 \
         --temperature 0.7 --top-p 0.95 --max-new-tokens 64
 
-Sources: pytorch-labs/gpt-fast generate.py (preallocated cache written at `input_pos`, separate
-prefill / decode step / sampling functions, the compiled decode step), meta-llama/llama3
-generation.py (ragged batches, per-row eos), karpathy/nanochat engine.py (prefill a prompt once,
-copy its cache to every sample row), vLLM's incremental detokenizer (stop strings checked on a
-small decoded window), FlashInfer's sorting-free top-p sampling (rejection).
+Ideas from gpt-fast generate.py (cache written at `input_pos`, compiled decode step), llama3
+generation.py (ragged batches), nanochat engine.py (prefill a prompt once, copy its cache to each
+sample), vLLM's incremental detokenizer (stop strings) and FlashInfer (top-p without a sort).
 
 Design, and why:
-1. Per-row positions, not left padding. Each cache row ("slot") holds one sample at positions
-   0..pos; a boolean mask `key_pos <= pos` (True = attend) hides whatever the row held before. So a
-   row can be refilled with a new prompt of any length without touching the others, and RoPE sees
-   the same positions as an unpadded run (padding and batch invariance).
-2. Continuous batching: a row that hits eos, a stop string or its length limit is refilled from the
-   queue at once. Dropping finished rows instead would leave the batch shrinking to its slowest row
-   for every chunk of prompts; with SIKeD's ragged lengths (a few to 512 tokens) refilling keeps the
-   matrix multiplies full. Once the queue is empty, the live rows are compacted to the front of the
-   cache whenever a quarter of the width is idle, so finished rows stop costing compute.
-3. Shared prefixes: a prompt's text and each forced continuation are tokenized whole (exactly the
-   tokens a plain prompt would get; BPE may merge across the boundary), the longest token prefix
-   common to all continuations is prefilled once, each continuation once on top of it, and that
-   prefix cache is copied into each sample's row at admission. The copy (prompt length x layers, a
-   few MB) costs about as much as one decode step of that row; reading a shared prefix without
-   copying would need either a gather per step (a copy every step) or a two-part attention merged
-   by log-sum-exp inside the model's attention, which SDPA behind the model's
-   `update(input_pos, k, v) -> (k, v)` protocol cannot express. One copy per sample is the simplest
-   correct choice and leaves the decode step a single SDPA call.
-4. The last prompt token is not prefilled: it is the first decode input of its row. So every decode
-   step produces a generated token for every live row, prefill only needs `last_only` logits (that
-   it discards), and the first token of each of a prompt's n samples is drawn independently.
-5. Our own cache class (RowKVCache) instead of model.KVCache: it returns only the first `kv_len`
-   positions (the longest live row), not the whole preallocated buffer, so attention costs what the
-   rows hold, and its buffers are zero-filled so masked, never-written keys can't inject NaN.
-6. Sampling costs a few passes over the (rows, vocab) logits, never a sort: one uniform per row
-   against the cumulative distribution, and top-p by rejection (see _sample_nucleus). On CPU a
-   sort of 60 x 49k logits costs about as much as a decode step of the 135M model. One host sync
-   per decode step (the sampled ids, needed for eos, stop strings and refills), plus one per
-   top-p rejection round, not one per row.
-7. CUDA: the model runs in the dtype it was loaded in (bf16 recommended) and attends with SDPA,
-   which picks the fused memory-efficient kernel for a boolean mask. `compile=True` compiles the
-   decode step (torch.compile, mode="reduce-overhead": CUDA graphs) with static shapes: all
-   `batch_size` rows and the whole cache length every step (the mask hides the rest), so it
-   compiles once; rows are then never compacted. Written for CUDA, not measured on these CPU
-   machines; on CPU it still works (inductor, no graphs) but the static length costs more than it
-   saves.
+1. Per-row positions, not left padding. Each cache row holds one sample at positions 0..pos; the
+   mask `key_pos <= pos` hides what the row held before. So a row can be refilled with a prompt of
+   any length without touching the others, and RoPE sees the positions of an unpadded run
+   (padding and batch invariance).
+2. Continuous batching, not dropping finished rows. A row that hits eos, a stop string or its
+   limit is refilled from the queue at once; dropping it would shrink the batch to its slowest row,
+   and SIKeD's lengths are ragged (a few to 512 tokens). Once the queue is empty, live rows are
+   compacted to the front whenever a quarter of the width is idle.
+3. Shared prefixes are copied, not read in place. A prompt plus each forced continuation is
+   tokenized whole (as a plain prompt would be), their common token prefix is prefilled once, each
+   continuation once on top, and that cache is copied into each sample's row at admission: about
+   one decode step of that row. Reading it in place needs a gather every step, or a two-part
+   attention merged by log-sum-exp that SDPA behind the model's `update(input_pos, k, v)` cache
+   protocol cannot express; copying keeps the decode step a single SDPA call.
+4. The last prompt token is not prefilled but is its row's first decode input, so every decode
+   step yields a token for every live row and a prompt's n samples draw their first token apart.
+5. RowKVCache, not model.KVCache: it returns only the first `kv_len` positions (the longest live
+   row), so attention costs what the rows hold.
+6. No sort of the vocabulary (on CPU, 60 x 49k logits cost about a 135M decode step): one uniform
+   per row against the CDF, top-p by rejection. One host sync per step (the sampled ids), plus
+   one per top-p rejection round.
+7. CUDA: the model runs in its loaded dtype (bf16 recommended) with SDPA. `compile=True` compiles
+   the decode step (mode="reduce-overhead": CUDA graphs) with static shapes, all `batch_size` rows
+   and the whole cache length (the mask hides the rest), so it compiles once and rows are never
+   compacted. Written for CUDA, not measured on these CPU machines; on CPU it works (inductor)
+   but the static length costs more than it saves.
 
-Log-probabilities: `Completion.logprob` is the sum, over the generated tokens (eos included, tokens
-after a stop string included), of log softmax of the model's raw fp32 logits, i.e. the model's own
-probability of the text, before temperature, top-k and top-p. It is defined for greedy decoding too
-and does not change with the sampling settings.
+`Completion.logprob` sums log softmax of the raw fp32 logits over the generated tokens (eos and
+tokens past a stop string included): the model's own probability of the text, before
+temperature, top-k and top-p, so also defined for greedy decoding.
 """
 
 import argparse
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-# Prompt tokens per prefill forward (rows x padded length): bounds prefill activations and the
-# temporary prefix caches.
-PREFILL_TOKENS = 1024
+PREFILL_TOKENS = 1024  # prompt tokens (rows x padded length) per prefill forward: bounds memory
 
 
 @dataclass
@@ -98,21 +82,34 @@ class _Branch:
     continuation: str
     ids: list[int]  # prompt + continuation tokens
     n: int
+    shared: int  # leading tokens shared by every branch of its prompt
+
+
+@dataclass
+class _Slot:
+    """Host-side state of a busy cache row."""
+
+    branch: int
+    sample: int  # index among the branch's n completions
+    start: int  # prompt tokens prefilled = position of the first decode input
+    stop: "StopChecker | None"
+    ids: list[int] = field(default_factory=list)  # generated tokens
+
+    @property
+    def pos(self) -> int:  # position of the next decode input
+        return self.start + len(self.ids)
 
 
 class RowKVCache:
-    """Preallocated keys/values of one layer, one row per sample, positions per row.
+    """One layer's preallocated keys/values, one row per sample, each row at its own positions.
 
-    `update(input_pos, k, v)` writes this step's (B, n_kv_heads, T, head_dim) keys/values at
-    `input_pos` ((B, T) or (T,)) of the first B rows and returns those rows' first `kv_len`
-    positions: views, no copy. The caller sets `kv_len` (and masks stale positions) before each
-    forward.
+    `update(input_pos, k, v)` writes (B, n_kv_heads, T, head_dim) at `input_pos` ((B, T) or (T,))
+    of the first B rows and returns views of their first `kv_len` positions (set by the caller).
     """
 
     def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
-        # zeros, not empty: a masked key still enters SDPA's weighted sum with weight 0, and 0 * NaN
-        # from uninitialised memory would be NaN.
+        # zeros, not empty: a masked key still enters SDPA's sum with weight 0, and 0 * NaN = NaN
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.kv_len = max_len
@@ -120,13 +117,12 @@ class RowKVCache:
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         B, T = k.shape[0], k.shape[2]
-        rows = self.rows[:B]  # (B, 1)
-        # advanced indexing on dims 0 and 2 puts them first: the target is (B, T, n_kv_heads,
-        # head_dim). (scatter_ along dim 2 would be the obvious call, but on CPU it copies the
-        # whole buffer: ~400x slower per decode step.)
+        rows = self.rows[:B]
+        # indexing dims 0 and 2 puts them first: the target is (B, T, n_kv_heads, head_dim).
+        # (scatter_ along dim 2 copies the whole buffer on CPU: ~400x slower per decode step.)
         self.k[rows, :, input_pos.expand(B, T)] = k.transpose(1, 2).to(self.k.dtype)
         self.v[rows, :, input_pos.expand(B, T)] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[:B, :, : self.kv_len], self.v[:B, :, : self.kv_len]  # views
+        return self.k[:B, :, : self.kv_len], self.v[:B, :, : self.kv_len]
 
 
 def setup_caches(model, batch_size: int, max_len: int) -> list[RowKVCache]:
@@ -138,64 +134,49 @@ def setup_caches(model, batch_size: int, max_len: int) -> list[RowKVCache]:
     ]
 
 
-# ----------------------------------------------------------------------------- sampling
-
-
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Top-k, then top-p (nucleus) filtering of (B, V) fp32 logits, the reference definition.
+    """Top-k, then top-p filtering of (B, V) fp32 logits: the reference definition.
 
-    Returns (values, token_ids), both (B, K): each row's K candidate tokens in descending order of
-    logit (K = top_k, or V), the ones filtered out set to -inf. top-k keeps exactly k tokens (ties
-    at the k-th broken by torch.topk). top-p keeps the smallest prefix, in descending order, whose
-    probability reaches top_p: a token is dropped when the tokens above it already hold >= top_p
-    (HF's TopPLogitsWarper), with probabilities renormalised over the top-k when top-k is on.
+    Returns (values, token_ids), (B, K) in descending order of logit (K = top_k, or V), filtered
+    tokens at -inf. A token is dropped by top-p when the tokens above it hold >= top_p of the
+    probability, renormalised over the top-k (HF's TopPLogitsWarper).
     """
-    V = logits.shape[-1]
     if top_k > 0:
-        values, ids = logits.topk(min(top_k, V), dim=-1)  # (B, k), descending
+        values, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
     else:
-        values, ids = logits.sort(dim=-1, descending=True)  # (B, V)
+        values, ids = logits.sort(dim=-1, descending=True)
     if top_p < 1.0:
-        probs = values.softmax(-1)  # (B, K), renormalised over the candidates
+        probs = values.softmax(-1)
         mass_above = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
         values = values.masked_fill(mass_above >= top_p, float("-inf"))
     return values, ids
 
 
 def _sample_cdf(probs: Tensor, generator: torch.Generator) -> Tensor:
-    """One draw per row of (B, K) probabilities (unnormalised is fine) -> (B,) indices.
-
-    Inverse CDF: a single uniform per row against the cumulative sum. An exponential race
-    (gpt-fast) needs K random numbers per row, which on CPU costs ~20x more for a 49k vocabulary;
-    torch.multinomial is as slow. Zero-probability entries are never picked (right=True).
-    """
-    cdf = probs.cumsum(-1)  # (B, K)
+    """One draw per row of (B, K) unnormalised probabilities -> (B,) indices, by inverse CDF: one
+    uniform per row (an exponential race or torch.multinomial costs ~20x more on CPU)."""
+    cdf = probs.cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    # right=True: zero-probability entries are never picked
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
-def _sample_nucleus(probs: Tensor, top_p: float, generator: torch.Generator) -> Tensor:
-    """Exact top-p sampling from (B, V) probabilities without sorting the vocabulary.
+def _sample_nucleus(p: Tensor, top_p: float, generator: torch.Generator) -> Tensor:
+    """Exact top-p sampling from (B, V) probabilities by rejection, without a sort.
 
-    Draw from the allowed tokens (at first all of them); accept the draw if the tokens strictly
-    more likely than it hold < top_p, i.e. it is in the nucleus. Otherwise it and every token at
-    most as likely are outside the nucleus too: exclude them and draw again. Given acceptance each
-    draw is distributed as p over the nucleus, so the result is exactly p renormalised over it
-    (rejection sampling; FlashInfer samples top-p this way). A first draw is rejected with
-    probability 1 - mass(nucleus) ~ 1 - top_p, so ~1.05 rounds on average, each a few passes over
-    (B, V), against a full sort that costs ~50x a pass on CPU. Ties exactly at the boundary go out
-    together, where filter_logits's sort would break them arbitrarily.
+    Accept a draw if the tokens strictly likelier than it hold < top_p (it is in the nucleus);
+    else it and every token at most as likely are out: exclude them and draw again. The accepted
+    draw is distributed as p renormalised over the nucleus, after ~1.05 rounds on average. Ties at
+    the boundary go out together (filter_logits's sort would break them arbitrarily).
     """
-    B = probs.shape[0]
-    out = torch.empty(B, dtype=torch.long, device=probs.device)
-    floor = torch.full((B, 1), -1.0, device=probs.device)  # allowed: p > floor
-    todo = torch.arange(B, device=probs.device)
-    p = probs
+    B = p.shape[0]
+    out = torch.empty(B, dtype=torch.long, device=p.device)
+    floor = torch.full((B, 1), -1.0, device=p.device)  # allowed: p > floor
+    todo = torch.arange(B, device=p.device)
     while True:
-        draw = _sample_cdf(p * (p > floor), generator)  # (n,)
-        p_draw = p.gather(-1, draw[:, None])  # (n, 1)
-        mass_above = (p * (p > p_draw)).sum(-1)  # (n,)
-        ok = mass_above < top_p
+        draw = _sample_cdf(p * (p > floor), generator)
+        p_draw = p.gather(-1, draw[:, None])
+        ok = (p * (p > p_draw)).sum(-1) < top_p
         out[todo[ok]] = draw[ok]
         if bool(ok.all()):
             return out
@@ -211,34 +192,27 @@ def sample_next_token(
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k > 0:  # only k candidates: filter them exactly as defined, then draw
-        values, ids = filter_logits(logits, top_k, top_p)  # (B, k)
+        values, ids = filter_logits(logits, top_k, top_p)
         return ids.gather(-1, _sample_cdf(values.softmax(-1), generator)[:, None]).squeeze(-1)
-    probs = logits.softmax(-1)  # (B, V)
+    probs = logits.softmax(-1)
     if top_p >= 1.0:
         return _sample_cdf(probs, generator)
     return _sample_nucleus(probs, top_p, generator)
 
 
-# ----------------------------------------------------------------------------- stop strings
-
-
 class StopChecker:
-    """Finds stop strings in a row's text as its tokens arrive, decoding only a small tail window.
+    """Finds stop strings in a row's text as its tokens arrive, decoding only a tail window.
 
-    Incremental detokenisation as vLLM does it: decode ids[prefix_offset:] and keep the text past
-    the already-emitted ids[prefix_offset:read_offset]; decoding from a token a little before the
-    new ones gets the spacing and multi-token characters right, and a trailing U+FFFD (half of a
-    UTF-8 character) waits for the next token. Only the new text plus len(longest stop) - 1
-    characters before it are searched, so a stop string that spans tokens is found once, at its
-    first occurrence.
+    As vLLM: decode ids[prefix_offset:], keep the text past ids[prefix_offset:read_offset] (a token
+    of context gets spacing and multi-token characters right; a trailing U+FFFD waits). Only the
+    new text and len(longest stop) - 1 characters before it are searched.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self.tokenizer, self.stop = tokenizer, stop
         self.lookback = max(len(s) for s in stop) - 1
-        self.text = ""
+        self.text = self.prefix_text = ""
         self.prefix_offset = self.read_offset = 0
-        self.prefix_text = ""
 
     def add(self, ids: list[int]) -> int:
         """Take the row's tokens so far; returns the first stop string's index in text, or -1."""
@@ -257,22 +231,14 @@ def _find_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int:
     return min(found, default=-1)
 
 
-# ----------------------------------------------------------------------------- forward passes
-
-
-def prefill(
-    model, branches: list[_Branch], n_shared: list[int]
-) -> list[list[tuple[Tensor, Tensor]]]:
+def prefill(model, branches: list[_Branch]) -> list[list[tuple[Tensor, Tensor]]]:
     """Prefill each branch's tokens but the last; returns per branch, per layer, (k, v) views of
-    shape (n_kv_heads, len(ids) - 1, head_dim).
+    shape (n_kv_heads, len(ids) - 1, head_dim). Branches come grouped by prompt.
 
-    Branches come grouped by prompt; n_shared[i] is the number of leading tokens branch i shares
-    with the other branches of its prompt (equal within a group). Stage 1 prefills each prompt's
-    shared tokens once (rows = prompts, right-padded: pad keys sit after every real one, so plain
-    causal masking suffices); stage 2 copies each prompt's cache to its branches' rows and
-    prefills each branch's own tokens on top, at per-row positions with a mask.
+    Stage 1 prefills each prompt's shared tokens once (one row per prompt, right-padded: pads sit
+    after every real key, so a causal mask suffices); stage 2 copies that cache to its branches'
+    rows and prefills each branch's own tokens on top, at per-row positions with a mask.
     """
-    cfg = model.config
     device = next(model.parameters()).device
     firsts, group = [], []  # each prompt's first branch; each branch's prompt row in stage 1
     for i, b in enumerate(branches):
@@ -280,34 +246,34 @@ def prefill(
             firsts.append(i)
         group.append(len(firsts) - 1)
     group = torch.tensor(group, device=device)
-    T = max(n_shared[i] for i in firsts)
+    T = max(b.shared for b in branches)
     shared = setup_caches(model, len(firsts), max(T, 1))
     if T > 0:
-        tokens = _pad([branches[i].ids[: n_shared[i]] for i in firsts], T, device)  # (R, T)
-        input_pos = torch.arange(T, device=device)  # (T,)
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, S=T)
+        tokens = _pad([branches[i].ids[: branches[i].shared] for i in firsts], T, device)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         _set_kv_len(shared, T)
+        input_pos = torch.arange(T, device=device)
         model(tokens, input_pos, causal.view(1, 1, T, T), shared, last_only=True)
 
-    segments = [b.ids[n_shared[i] : -1] for i, b in enumerate(branches)]
+    segments = [b.ids[b.shared : -1] for b in branches]
     Tc = max(len(s) for s in segments)
     if Tc == 0:
         caches, rows = shared, group.tolist()
     else:
         caches = setup_caches(model, len(branches), T + Tc)
         for c, s in zip(caches, shared, strict=True):
-            c.k[:, :, :T] = s.k[group, :, :T]  # (Rb, n_kv_heads, T, head_dim)
+            c.k[:, :, :T] = s.k[group, :, :T]
             c.v[:, :, :T] = s.v[group, :, :T]
         del shared
-        tokens = _pad(segments, Tc, device)  # (Rb, Tc)
-        start = torch.tensor(n_shared, device=device)[:, None]  # (Rb, 1)
+        start = torch.tensor([b.shared for b in branches], device=device)[:, None]  # (Rb, 1)
         # pads get positions past their row's real tokens, clamped inside the RoPE table: never
         # attended by a real token (it only sees keys <= its own position)
-        input_pos = (start + torch.arange(Tc, device=device)).clamp(max=cfg.max_seq_len - 1)
+        input_pos = start + torch.arange(Tc, device=device)
+        input_pos = input_pos.clamp(max=model.config.max_seq_len - 1)
         key_pos = torch.arange(T + Tc, device=device)
         mask = key_pos.view(1, 1, 1, -1) <= input_pos[:, None, :, None]  # (Rb, 1, Tc, S)
         _set_kv_len(caches, T + Tc)
-        model(tokens, input_pos, mask, caches, last_only=True)
+        model(_pad(segments, Tc, device), input_pos, mask, caches, last_only=True)
         rows = list(range(len(branches)))
     return [
         [(c.k[r, :, : len(b.ids) - 1], c.v[r, :, : len(b.ids) - 1]) for c in caches]
@@ -316,11 +282,8 @@ def prefill(
 
 
 def decode_step(model, caches: list[RowKVCache], tokens: Tensor, pos: Tensor, key_pos: Tensor):
-    """One token for each of the first W rows: tokens, pos (W,) -> fp32 logits (W, V).
-
-    key_pos is arange(S), S = the cache length attended to (the longest live row + 1, or the whole
-    cache for the compiled static-shape step).
-    """
+    """One token for each of the first W rows: tokens, pos (W,) -> fp32 logits (W, V); key_pos is
+    arange(S), S = the cache length attended to."""
     W, S = tokens.shape[0], key_pos.shape[0]
     mask = (key_pos[None, :] <= pos[:, None]).view(W, 1, 1, S)  # row b sees its positions 0..pos[b]
     _set_kv_len(caches, S)
@@ -336,45 +299,39 @@ def _pad(rows: list[list[int]], T: int, device) -> Tensor:
     return torch.tensor([r + [0] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
 
 
-# ----------------------------------------------------------------------------- generate
-
-
 def _check_args(prompts, n, max_new_tokens, temperature, top_p, top_k, stop, batch_size) -> None:
     if len(prompts) == 0:
         raise ValueError("prompts is empty; expected at least one prompt")
-    if n < 1:
-        raise ValueError(f"n={n}; expected n >= 1")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}; expected >= 0 (0 = greedy)")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p}; expected 0 < top_p <= 1")
-    if top_k < 0:
-        raise ValueError(f"top_k={top_k}; expected >= 0 (0 = off)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}; expected >= 1")
+    for name, value, ok, want in [
+        ("n", n, n >= 1, "n >= 1"),
+        ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+        ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
+        ("top_p", top_p, 0.0 < top_p <= 1.0, "0 < top_p <= 1"),
+        ("top_k", top_k, top_k >= 0, ">= 0 (0 = off)"),
+        ("batch_size", batch_size, batch_size >= 1, ">= 1"),
+    ]:
+        if not ok:
+            raise ValueError(f"{name}={value}; expected {want}")
     if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
         raise ValueError(f"stop={stop!r}; expected a sequence of non-empty strings")
+
+
+def _tokenize(tokenizer, prompts, n: int, max_seq_len: int):
+    """Check and tokenize the prompts: branches in prompt order, each prompt's branch indices."""
+    branches, groups = [], []
     for i, p in enumerate(prompts):
         if isinstance(p, SharedPrompt):
             if not p.continuations or any(k < 1 for _, k in p.continuations):
                 raise ValueError(
                     f"prompts[{i}].continuations={p.continuations!r}; expected n >= 1 each"
                 )
-        elif not isinstance(p, str):
+            prefix, pairs = p.prefix, p.continuations
+        elif isinstance(p, str):
+            prefix, pairs = p, [("", n)]
+        else:
             raise ValueError(f"prompts[{i}] is a {type(p).__name__}; expected str or SharedPrompt")
-
-
-def _tokenize(tokenizer, prompts, n: int, max_seq_len: int) -> tuple[list[_Branch], list[int]]:
-    """Branches in prompt order and, per branch, the token count shared within its prompt."""
-    branches, n_shared = [], []
-    for i, p in enumerate(prompts):
-        pairs = p.continuations if isinstance(p, SharedPrompt) else [("", n)]
-        prefix = p.prefix if isinstance(p, SharedPrompt) else p
-        out, group = 0, []
-        for cont, k in pairs:
-            ids = tokenizer.encode(prefix + cont, bos=tokenizer.add_bos)
+        encoded = [tokenizer.encode(prefix + cont, bos=tokenizer.add_bos) for cont, _ in pairs]
+        for ids in encoded:
             if not ids:
                 raise ValueError(f"prompts[{i}] is empty after tokenization; expected >= 1 token")
             if len(ids) >= max_seq_len:
@@ -382,15 +339,16 @@ def _tokenize(tokenizer, prompts, n: int, max_seq_len: int) -> tuple[list[_Branc
                     f"prompts[{i}] has {len(ids)} tokens; expected fewer than the model's "
                     f"max_seq_len={max_seq_len}"
                 )
-            group.append(_Branch(i, out, cont, ids, k))
-            out += k
         # the longest common token prefix, leaving every branch at least its last token to decode
-        shared = min(len(b.ids) - 1 for b in group)
-        for b in group[1:]:
-            shared = next((j for j in range(shared) if b.ids[j] != group[0].ids[j]), shared)
-        branches += group
-        n_shared += [shared] * len(group)
-    return branches, n_shared
+        shared = min(len(ids) - 1 for ids in encoded)
+        for ids in encoded[1:]:
+            shared = next((j for j in range(shared) if ids[j] != encoded[0][j]), shared)
+        groups.append(list(range(len(branches), len(branches) + len(encoded))))
+        out = 0
+        for (cont, k), ids in zip(pairs, encoded, strict=True):
+            branches.append(_Branch(i, out, cont, ids, k, shared))
+            out += k
+    return branches, groups
 
 
 @torch.inference_mode()
@@ -412,19 +370,15 @@ def generate(
 ) -> list[list[Completion]]:
     """Sample completions: for each prompt (str or SharedPrompt) its completions, in order.
 
-    A str gets n completions; a SharedPrompt gets its continuations' completions in order, each its
-    own n (the `n` argument is ignored for it). batch_size = cache rows decoded together.
-    Reproducible for a given seed, batch_size and compile flag. Text is the generated text only;
-    it ends at eos (tokenizer.stop_ids), before the first stop string, after max_new_tokens, or
-    when the sequence fills the model's max_seq_len.
+    A str gets n completions; a SharedPrompt its continuations' completions in order, each its own
+    n. batch_size = cache rows decoded together. Reproducible for a given seed, batch_size and
+    compile flag. Text ends at eos (tokenizer.stop_ids), before the first stop string, after
+    max_new_tokens, or when the sequence fills the model's max_seq_len.
     """
     _check_args(prompts, n, max_new_tokens, temperature, top_p, top_k, stop, batch_size)
     stop = tuple(stop)
     max_seq_len = model.config.max_seq_len
-    branches, n_shared = _tokenize(tokenizer, prompts, n, max_seq_len)
-    groups: list[list[int]] = [[] for _ in prompts]  # branch indices of each prompt
-    for i, b in enumerate(branches):
-        groups[b.prompt].append(i)
+    branches, groups = _tokenize(tokenizer, prompts, n, max_seq_len)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     if seed is None:
@@ -438,8 +392,7 @@ def generate(
     queued = [b.n for b in branches]  # samples of each branch not yet admitted
     limit = [min(max_new_tokens, max_seq_len - len(b.ids)) for b in branches]
     B = min(batch_size, len(queue))
-    # a row prefills len(ids) - 1 tokens, decodes from its last prompt token, and its last input
-    # sits at position len(ids) - 2 + limit
+    # a row decodes from its last prompt token, at len(ids) - 1; its last input is limit - 1 later
     L = max(len(b.ids) - 1 + lim for b, lim in zip(branches, limit, strict=True))
     caches = setup_caches(model, B, L)
     key_pos = torch.arange(L, device=device)
@@ -448,12 +401,9 @@ def generate(
     pos = torch.zeros(B, dtype=torch.long, device=device)  # its position
     logprob = torch.zeros(B, dtype=torch.float32, device=device)
     live = torch.zeros(B, dtype=torch.bool, device=device)
-    rows = _Rows(B)
-    results: list[list[Completion | None]] = [
-        [None] * sum(branches[i].n for i in g) for g in groups
-    ]
-    # prefilled branches that still have queued samples: per layer (k, v)
-    pending_kv: dict[int, list[tuple[Tensor, Tensor]]] = {}
+    slots: list[_Slot | None] = [None] * B
+    results = [[None] * sum(branches[i].n for i in g) for g in groups]
+    pending_kv: dict[int, list[tuple[Tensor, Tensor]]] = {}  # prefilled branches still queued
 
     step = decode_step
     if compile:
@@ -484,13 +434,11 @@ def generate(
         for r in free[: len(queue)]:
             b, j = queue.popleft()
             new.setdefault(b, []).append(r)
-            rows.start(
-                r, (b, j), len(branches[b].ids) - 1, StopChecker(tokenizer, stop) if stop else None
-            )
+            checker = StopChecker(tokenizer, stop) if stop else None
+            slots[r] = _Slot(b, j, len(branches[b].ids) - 1, checker)
         todo = sorted({branches[b].prompt for b in new if b not in pending_kv})
         for chunk in _prefill_chunks([groups[p] for p in todo], branches):
-            kvs = prefill(model, [branches[i] for i in chunk], [n_shared[i] for i in chunk])
-            for b, kv in zip(chunk, kvs, strict=True):
+            for b, kv in zip(chunk, prefill(model, [branches[i] for i in chunk]), strict=True):
                 if b in new:
                     fill(b, new.pop(b), kv)
                 if queued[b] > 0:  # keep a compact copy, not the prefill buffers
@@ -500,21 +448,36 @@ def generate(
             if queued[b] == 0:
                 del pending_kv[b]
 
+    def compact(width: int) -> int:
+        """Move the live rows of [0, width) to the front, in order; returns the new width."""
+        keep = [r for r in range(width) if slots[r] is not None]
+        m, idx = len(keep), torch.tensor(keep, device=device)
+        S = max(slots[r].pos for r in keep) + 1
+        for c in caches:
+            # the gather copies first, so overlapping source and target rows are safe
+            c.k[:m, :, :S] = c.k[idx, :, :S]
+            c.v[:m, :, :S] = c.v[idx, :, :S]
+        for t in (tokens, pos, logprob, live):
+            t[:m] = t[idx]
+        live[m:width] = False
+        slots[:width] = [slots[r] for r in keep] + [None] * (width - m)
+        return m
+
     width = 0  # rows [0, width) are decoded, the rest are idle
     bar = tqdm(total=len(queue), disable=not progress, unit="completion", desc="sampling")
     while True:
-        free = [r for r in range(B) if rows.req[r] is None]
+        free = [r for r, s in enumerate(slots) if s is None]
         if queue and free:
             admit(free)
-            width = max(width, max(r for r in range(B) if rows.req[r] is not None) + 1)
-        n_live = sum(q is not None for q in rows.req)
+            width = max(width, max(r for r, s in enumerate(slots) if s is not None) + 1)
+        n_live = sum(s is not None for s in slots)
         if n_live == 0:
             break
         if not queue and not compile and n_live <= width * 3 // 4:
-            width = _compact(caches, rows, (tokens, pos, logprob, live), width)
+            width = compact(width)
 
         W = B if compile else width
-        S = L if compile else max(rows.pos[r] for r in range(W) if rows.req[r] is not None) + 1
+        S = L if compile else max(s.pos for s in slots[:W] if s is not None) + 1
         logits = step(model, caches, tokens[:W], pos[:W], key_pos[:S])  # (W, V) fp32
         nxt = sample_next_token(
             logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
@@ -525,52 +488,35 @@ def generate(
 
         finished = []
         for r, t in enumerate(nxt.tolist()):  # host sync: the sampled ids
-            if rows.req[r] is None:
+            s = slots[r]
+            if s is None:
                 continue
-            ids = rows.ids[r]
-            ids.append(t)
-            rows.pos[r] += 1
+            s.ids.append(t)
             if t in stop_ids:
                 finished.append((r, "eos"))
-            elif rows.stop[r] is not None and rows.stop[r].add(ids) >= 0:
+            elif s.stop is not None and s.stop.add(s.ids) >= 0:
                 finished.append((r, "stop"))
-            elif len(ids) >= limit[rows.req[r][0]]:
+            elif len(s.ids) >= limit[s.branch]:
                 finished.append((r, "length"))
         if finished:
             lp = logprob.tolist()
             for r, reason in finished:
-                (b, j), ids = rows.req[r], rows.ids[r]
-                text = tokenizer.decode(ids[:-1] if reason == "eos" else ids)
+                s, br = slots[r], branches[slots[r].branch]
+                text = tokenizer.decode(s.ids[:-1] if reason == "eos" else s.ids)
                 if reason == "stop":  # cut at the first stop string of the full decode
                     cut = _find_stop(text, stop)
                     text = text if cut < 0 else text[:cut]
-                br = branches[b]
-                results[br.prompt][br.out + j] = Completion(
-                    text, ids, reason, lp[r], br.continuation
-                )
-                rows.req[r] = None
+                c = Completion(text, s.ids, reason, lp[r], br.continuation)
+                results[br.prompt][br.out + s.sample] = c
+                slots[r] = None
             done = torch.tensor([r for r, _ in finished], device=device)
             live[done] = False
-            # An idle row is still decoded until it is refilled or compacted away (always, when
-            # compiled); park it at position 0 of its own row, inside the cache whatever its
-            # length was.
+            # An idle row is still decoded until refilled or compacted away (always, when
+            # compiled): park it at position 0 of its own row, inside the cache whatever its length.
             pos[done] = 0
             bar.update(len(finished))
     bar.close()
     return results
-
-
-class _Rows:
-    """Host-side state of the cache rows: each one's request, tokens, position and stop check."""
-
-    def __init__(self, B: int):
-        self.req: list[tuple[int, int] | None] = [None] * B  # (branch, sample index)
-        self.ids: list[list[int]] = [[] for _ in range(B)]
-        self.pos = [0] * B
-        self.stop: list[StopChecker | None] = [None] * B
-
-    def start(self, r: int, req: tuple[int, int], pos: int, stop: "StopChecker | None") -> None:
-        self.req[r], self.ids[r], self.pos[r], self.stop[r] = req, [], pos, stop
 
 
 def _prefill_chunks(groups: list[list[int]], branches: list[_Branch]):
@@ -586,63 +532,15 @@ def _prefill_chunks(groups: list[list[int]], branches: list[_Branch]):
         yield chunk
 
 
-def _compact(caches: list[RowKVCache], rows: _Rows, state: tuple[Tensor, ...], width: int) -> int:
-    """Move the live rows of [0, width) to the front, in order; returns the new width."""
-    keep = [r for r in range(width) if rows.req[r] is not None]
-    m = len(keep)
-    idx = torch.tensor(keep, device=state[0].device)
-    S = max(rows.pos[r] for r in keep) + 1
-    for c in caches:
-        c.k[:m, :, :S] = c.k[idx, :, :S]  # the gather copies first, so overlapping rows are safe
-        c.v[:m, :, :S] = c.v[idx, :, :S]
-    for t in state:  # tokens, pos, logprob, live
-        t[:m] = t[idx]
-    state[-1][m:width] = False
-    for lst in (rows.req, rows.ids, rows.pos, rows.stop):
-        lst[:m] = [lst[r] for r in keep]
-    rows.req[m:width] = [None] * (width - m)
-    return m
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(
-    model: str,
-    prompt: str,
-    n: int = 1,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    stop: tuple[str, ...] = (),
-    seed: int = 0,
-    chat: bool = False,
-    dtype: str = "float32",
-    device: str = "cpu",
-    batch_size: int = 64,
-    compile: bool = False,
-) -> list[Completion]:
+def main(model: str, prompt: str, chat=False, dtype="float32", device="cpu", **kw):
+    """Load a model and print the completions of one prompt (kw: generate's keywords)."""
     from model import Tokenizer, Transformer
 
     net = Transformer.from_pretrained(model, device=device, dtype=getattr(torch, dtype))
     tokenizer = Tokenizer.from_pretrained(model)
     if chat:
         prompt = tokenizer.chat([{"role": "user", "content": prompt}])
-    (completions,) = generate(
-        net,
-        tokenizer,
-        [prompt],
-        n=n,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        stop=stop,
-        seed=seed,
-        batch_size=batch_size,
-        compile=compile,
-    )
+    (completions,) = generate(net, tokenizer, [prompt], **kw)
     for i, c in enumerate(completions):
         print(f"--- {i} [{c.finish_reason}, {len(c.token_ids)} tokens, logprob {c.logprob:.2f}]")
         print(c.text)
@@ -651,9 +549,7 @@ def main(
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Sample completions from a model.")
-    parser.add_argument(
-        "--model", required=True, help="local folder, alias (model.ALIASES) or HF id"
-    )
+    parser.add_argument("--model", required=True, help="folder, alias (model.ALIASES) or HF id")
     parser.add_argument("--prompt", required=True, help="prompt text")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     parser.add_argument("--n", type=int, default=1, help="completions to sample")
@@ -663,16 +559,8 @@ if __name__ == "__main__":
     parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens, 0 = off")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="weights dtype",
-    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=64, help="cache rows decoded together")
-    parser.add_argument(
-        "--compile", action="store_true", help="torch.compile the decode step (CUDA)"
-    )
-    args = parser.parse_args()
-    main(**{k: tuple(v) if k == "stop" else v for k, v in vars(args).items()})
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (CUDA)")
+    main(**vars(parser.parse_args()))
