@@ -153,8 +153,8 @@ class RunConfig:
 # --quick: a small run that finishes on a laptop CPU in minutes (parse_args fills these in where
 # no flag is given; RunConfig(quick=True) alone only labels a run as quick).
 QUICK = dict(
-    train_limit=200,
-    eval_limit=30,
+    train_limit=100,
+    eval_limit=20,
     iterations=2,
     samples=1,
     epochs=1,
