@@ -13,8 +13,6 @@ Distillation for Mathematical Reasoning", arXiv 2410.18574 (ACL Findings 2025). 
 from the authors' code, github.com/shivam0109/SIKeD ([R]); the method and every open choice are in
 SPEC.md. Loop and CLI modelled on nanoGPT's train.py and nanochat's chat_rl.py.
 
-Run (one CPU, one GPU, or several GPUs through torchrun; each run lives in runs/<name>/):
-
     python siked.py --model smollm-1.7b                      # the paper's settings, 3 iterations
     python siked.py --model smollm2-135m-instruct --quick    # a small run: minutes on a CPU
     torchrun --nproc_per_node 8 siked.py --model qwen2-1.5b  # DDP training, sharded sampling/eval
@@ -23,35 +21,32 @@ Run (one CPU, one GPU, or several GPUs through torchrun; each run lives in runs/
     python siked.py --model smollm-1.7b --bias pot           # PoT-biased SIKeD
     python siked.py --model smollm-1.7b --teacher-url http://host:8000/v1 --teacher-model llama3-70b
 
-Every stage is a folder closed by an atomic DONE marker (JSON: its numbers and wall time); a rerun
-skips finished stages, and an interrupted one resumes from its last chunk (sampling, evaluation) or
-checkpoint (training). runs/<name>/report.md is rewritten after every stage. Under torchrun each
-process trains a whole replica (DDP), or with --fsdp a shard of every weight, gradient and
-optimizer state (FSDP2, for a student that does not fit one device); each takes every world-th
-chunk of sampling and evaluation, and only rank 0 writes shared files.
+Each stage of runs/<name>/ is a folder closed by an atomic DONE marker (JSON: its numbers and wall
+time); a rerun skips finished stages and resumes an interrupted one from its last chunk or
+checkpoint; report.md is rewritten after every stage. Under torchrun each process trains a replica
+(DDP) or a shard of every weight (--fsdp, FSDP2), takes every world-th chunk of sampling and
+evaluation, and only rank 0 writes shared files.
 
 Departures from the paper, on purpose:
-1. Teacher: without --teacher-url/--teacher-local, the gold GSM8K rationales converted into each
-   strategy's format (data/teacher.py) stand in for LLaMA-3 70B's samples: one solution per
-   (question, strategy). L2M needs GSM8K's train_socratic file; a strategy the teacher has no rows
-   for is dropped from the run (and said so).
-2. Checkpoint choice: the final checkpoint of each iteration, and the report names the iteration
-   that is best on the 10% held-out GSM8K-train split (seed 42). The test sets choose nothing
-   ([R] scores every checkpoint on test and continues from chosen ones).
-3. Answers match with a relative tolerance of 1e-4 (--rel-tol 0: the paper's exact float equality).
+1. Teacher: without --teacher-url/--teacher-local, gold GSM8K rationales in each strategy's format
+   (data/teacher.py) stand in for LLaMA-3 70B: one solution per (question, strategy). L2M needs
+   GSM8K's train_socratic file; a strategy without teacher rows is dropped (and said so).
+2. Each iteration keeps its last checkpoint; the report names the best iteration on the 10%
+   held-out GSM8K-train split (seed 42), never on test ([R] chose its checkpoints on test).
+3. Answers match with a relative tolerance of 1e-4 (--rel-tol 0: the paper's exact equality).
 4. MultiArith: all 600 problems (the paper's 180-problem HF split cannot be rebuilt here).
 5. The PoT sandbox (verify.py) has no sympy: programs that import it count as wrong.
-6. Packing without cross-contamination: each packed example attends only to itself and its
-   positions restart at 0 (TRL's packing of the time let examples see each other).
-7. LoRA written by hand (not unsloth/PEFT), same r, alpha and targets; adapters in fp32, base
-   weights in the run's dtype, bf16 autocast on CUDA.
-8. The learning-rate schedule is transformers' linear warmup/decay, stepped per optimizer step
-   (so, as there, step 0 runs at lr 0); batches are packed sequences, 8 per optimizer step.
-9. Biased SIKeD samples with each strategy forced too (SPEC 5.2), and the priority order then picks
-   one solution per question from the mix; [R] let its biased students pick (--sampling free).
-10. Off-policy (SPEC 1.6; the paper's setup is not known): every student row of the mix gives way
-   to another correct teacher solution of the same (question, strategy), else to D_LLM's own.
-   That needs an LLM teacher with several samples; with the gold teacher it is refused.
+6. Packing without cross-contamination: each example attends only to itself, positions from 0
+   (TRL's packing of the time let examples see each other).
+7. LoRA by hand (not unsloth/PEFT), same r, alpha and targets; fp32 adapters on base weights in
+   the run's dtype, bf16 autocast on CUDA.
+8. transformers' linear warmup/decay schedule per optimizer step (step 0 runs at lr 0); 8 packed
+   sequences per optimizer step.
+9. Biased SIKeD samples each strategy forced too (SPEC 5.2), then the priority order picks one
+   solution per question; [R] let its biased students pick (--sampling free).
+10. Off-policy (SPEC 1.6; the paper's setup is unknown): each student row of the mix gives way
+   to another correct teacher solution of its (question, strategy), else to D_LLM's own; needs
+   an LLM teacher.
 """
 
 import argparse
@@ -152,16 +147,8 @@ class RunConfig:
 
 # --quick: a small run that finishes on a laptop CPU in minutes (parse_args fills these in where
 # no flag is given; RunConfig(quick=True) alone only labels a run as quick).
-QUICK = dict(
-    train_limit=100,
-    eval_limit=20,
-    iterations=2,
-    samples=1,
-    epochs=1,
-    sample_max_new_tokens=256,
-    eval_max_new_tokens=256,
-    chunk_size=64,
-)
+QUICK = dict(train_limit=100, eval_limit=20, iterations=2, samples=1, epochs=1,
+             sample_max_new_tokens=256, eval_max_new_tokens=256, chunk_size=64)  # fmt: skip
 BIAS_ORDERS = {
     "cot": ("cot", "pot", "l2m"),
     "pot": ("pot", "cot", "l2m"),
@@ -181,8 +168,7 @@ PAPER_GAINS = {
 HELDOUT = "gsm8k-heldout"  # the 10% of GSM8K train held out; evaluated to choose an iteration
 
 
-def fail(message: str):
-    """A one-line error for the command line."""
+def fail(message: str):  # a one-line error for the command line
     raise SystemExit(f"siked: {message}")
 
 
@@ -265,8 +251,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) B A x (Hu et al. 2021). A is kaiming-uniform as in PEFT and B zero, so
-    the wrapped layer starts out as W; W stays frozen. Dropout 0, as the paper."""
+    """y = W x + (alpha / r) B A x (Hu et al. 2021), W frozen. A is kaiming-uniform as in PEFT and
+    B zero, so the layer starts out as W. Dropout 0, as the paper."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, generator: torch.Generator):
         super().__init__()
@@ -285,8 +271,7 @@ class LoRALinear(nn.Module):
 
 def add_lora(model: nn.Module, r: int, alpha: float, seed: int) -> list[nn.Parameter]:
     """Freeze the model and wrap its seven projections per layer; returns the adapter weights."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     wrapped = []
     for module in list(model.modules()):
@@ -295,15 +280,14 @@ def add_lora(model: nn.Module, r: int, alpha: float, seed: int) -> list[nn.Param
                 lora = LoRALinear(child, r, alpha, g)
                 setattr(module, name, lora)
                 wrapped += [lora.lora_A, lora.lora_B]
-    n_layers = model.config.n_layers
-    assert len(wrapped) == 2 * len(LORA_TARGETS) * n_layers, f"{len(wrapped)} adapter weights"
+    assert len(wrapped) == 2 * len(LORA_TARGETS) * model.config.n_layers, len(wrapped)
     return wrapped
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight, W + (alpha / r) B A (in fp32), and put the plain
-    nn.Linear back, so the model saves and loads as an ordinary checkpoint."""
+    """Fold every adapter into its weight, W + (alpha / r) B A in fp32, and put the plain
+    nn.Linear back: the model saves as an ordinary checkpoint."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
@@ -312,15 +296,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 W.copy_((W.float() + delta).to(W.dtype))
                 setattr(module, name, child.base)
     return model
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them: wraps
-    model.model.layers[i].forward from outside, so model.py needs no flag for it."""
-    for layer in model.model.layers:
-        layer.forward = functools.partial(
-            torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False
-        )
 
 
 # ---------------------------------------------------------------------------------------- packing
@@ -340,8 +315,7 @@ def tokenize_example(tok: Tokenizer, prompt: str, response: str) -> Example:
 
 
 def pack(lengths: list[int], max_seq_len: int) -> list[list[int]]:
-    """Next-fit: consecutive examples share a sequence while they fit. Returns the example indices
-    of each packed sequence."""
+    """Next-fit: consecutive examples share a sequence while they fit; the indices per sequence."""
     bins, room = [], 0
     for i, n in enumerate(lengths):
         assert n <= max_seq_len
@@ -355,11 +329,9 @@ def pack(lengths: list[int], max_seq_len: int) -> list[list[int]]:
 
 def make_batch(examples: list[Example], bins: list[list[int]], loss_on: str, pad_id: int):
     """Packed sequences -> tokens, targets (-100 = no loss), input_pos and the attention mask.
-
     Each example predicts its own next tokens only; input_pos restarts at 0 per example, and the
     mask is block-diagonal causal: token i attends to j iff both belong to the same example and
-    j <= i. Padding forms one more block so that no query row is all False (SDPA would give NaN).
-    """
+    j <= i. Padding forms one more block so that no query row is all False (SDPA would give NaN)."""
     B = len(bins)
     T = max(sum(len(examples[i].ids) for i in b) for b in bins)
     tokens = torch.full((B, T), pad_id, dtype=torch.long)
@@ -387,9 +359,7 @@ def make_batch(examples: list[Example], bins: list[list[int]], loss_on: str, pad
 def token_losses(model, tokens, targets, input_pos, mask) -> torch.Tensor:
     """Cross-entropy of every target, (B, T), 0 where the target is -100. Logits are fp32."""
     logits = model(tokens, input_pos=input_pos, mask=mask)  # (B, T, vocab)
-    loss = F.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
-    )
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
     return loss.view_as(targets)
 
 
@@ -404,31 +374,13 @@ def get_lr(step: int, total_steps: int, lr: float, warmup_steps: int) -> float:
     return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def epoch_order(n_sequences: int, epoch: int, seed: int) -> list[int]:
-    order = list(range(n_sequences))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    return order
-
-
-def train(
-    model: Transformer,
-    examples: list[Example],
-    cfg: RunConfig,
-    device: torch.device,
-    d: Dist | None = None,
-    ckpt_path: Path | None = None,
-    desc: str = "train",
-    log=print,
-    pad_id: int = 0,
-) -> dict:
-    """Supervised fine-tuning of the model's trainable weights on packed examples.
-
-    One optimizer step = cfg.batch_size packed sequences over all ranks, each rank taking every
-    world-th sequence in micro-batches of cfg.micro_batch_size. The loss is the sum of token losses
-    over the global batch divided by its number of loss tokens, so the step does not depend on how
-    the batch is cut into ranks and micro-batches. Resumes from ckpt_path (trainable weights,
-    optimizer, step), written every cfg.ckpt_every steps by rank 0.
-    """
+def train(model: Transformer, examples: list[Example], cfg: RunConfig, device: torch.device,
+          d: Dist | None = None, ckpt_path: Path | None = None, desc: str = "train", log=print,
+          pad_id: int = 0) -> dict:  # fmt: skip
+    """Fine-tune the trainable weights on packed examples. A step is cfg.batch_size sequences over
+    all ranks (every world-th each, in micro-batches); its loss is summed over the global batch and
+    divided by its loss tokens, so the cut into ranks and micro-batches does not matter. Resumes
+    from ckpt_path (trainable weights, optimizer, step), written every cfg.ckpt_every steps."""
     d = d or Dist()
     lr = cfg.lr
     assert lr is not None, "resolve cfg.lr first (resolve_lr)"
@@ -438,21 +390,18 @@ def train(
             fully_shard(layer)
         fully_shard(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    decay = [p for p in params.values() if p.dim() >= 2]  # no decay on norms and biases, as HF
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+    groups = [  # no decay on norms and biases, as HF
+        {"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
     # the data: a seeded shuffle, packed once; the packed sequences are reshuffled every epoch
     order = list(range(len(examples)))
     random.Random(cfg.seed).shuffle(order)
-    bins = [
-        [order[i] for i in b] for b in pack([len(examples[i].ids) for i in order], cfg.max_seq_len)
-    ]
-    steps_per_epoch = math.ceil(len(bins) / cfg.batch_size)
+    lengths = [len(examples[i].ids) for i in order]
+    bins = [[order[i] for i in b] for b in pack(lengths, cfg.max_seq_len)]
+    steps_per_epoch, mbs = math.ceil(len(bins) / cfg.batch_size), cfg.micro_batch_size
     total_steps = cfg.epochs * steps_per_epoch
     n_loss = lambda b: sum(
         len(examples[i].ids) - (1 if cfg.loss_on == "all" else examples[i].n_prompt) for i in b
@@ -472,8 +421,10 @@ def train(
 
     amp = cfg.dtype == "bfloat16"
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model)
+    if cfg.activation_checkpointing:  # recompute each block in the backward pass, from outside
+        recompute = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        for layer in model.model.layers:
+            layer.forward = functools.partial(recompute, layer.forward)
     model.train()
     net = torch.compile(model) if cfg.compile else model
     if d.world > 1 and not fsdp:
@@ -485,18 +436,14 @@ def train(
     losses, t_start, tokens_seen = [], time.time(), 0
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
-        batch = [
-            bins[i]
-            for i in epoch_order(len(bins), epoch, cfg.seed)[k * cfg.batch_size :][: cfg.batch_size]
-        ]
+        perm = list(range(len(bins)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(perm)
+        batch = [bins[i] for i in perm[k * cfg.batch_size :][: cfg.batch_size]]
         n_tokens = max(1, sum(n_loss(b) for b in batch))  # loss tokens in the global batch
         mine = batch[d.rank :: d.world]  # this rank's sequences
-        micro = [
-            mine[j : j + cfg.micro_batch_size] for j in range(0, len(mine), cfg.micro_batch_size)
-        ]
-        # every rank runs as many micro-batches (FSDP gathers weights in each forward), a rank
-        # short of data a dummy one
-        n_micro = max(1, math.ceil(math.ceil(len(batch) / d.world) / cfg.micro_batch_size))
+        micro = [mine[j : j + mbs] for j in range(0, len(mine), mbs)]
+        # every rank runs as many micro-batches (FSDP gathers in each forward): a short one pads
+        n_micro = max(1, math.ceil(math.ceil(len(batch) / d.world) / mbs))
         micro += [None] * (n_micro - len(micro))
         for g in opt.param_groups:
             g["lr"] = get_lr(step, total_steps, lr, cfg.warmup_steps)
@@ -512,10 +459,8 @@ def train(
                 if mb is None:  # a rank left without data still joins the collectives
                     loss = net(torch.full((1, 1), pad_id, device=device)).sum() * 0.0
                 else:
-                    tokens, targets, input_pos, mask = (
-                        t.to(device) for t in make_batch(examples, mb, cfg.loss_on, pad_id)
-                    )
-                    tl = token_losses(net, tokens, targets, input_pos, mask).sum()
+                    tensors = make_batch(examples, mb, cfg.loss_on, pad_id)
+                    tl = token_losses(net, *(t.to(device) for t in tensors)).sum()
                     loss_sum += tl.detach()
                     # DDP and FSDP average gradients over ranks: * world turns that into a sum
                     loss = tl / n_tokens * d.world
@@ -558,20 +503,12 @@ def train(
 # ------------------------------------------------------------------------------------ data mixing
 
 
-def mix(
-    teacher_rows: list[dict],
-    self_rows: list[dict],
-    mode: str = "adaptive",
-    mix_rate: float | None = None,
-    seed: int = 42,
-) -> tuple[list[dict], float]:
-    """The training set of a SIKeD iteration and alpha, its teacher share (SPEC 1.4.3).
-
-    teacher_rows: one teacher solution per (id, strategy) (D_LLM); self_rows: one correct student
-    solution per (id, strategy) (D_self). adaptive: a teacher row only for the pairs the student
-    did not solve; all: every teacher row. mix_rate forces alpha by sampling that teacher part
-    (as close as its size allows; 1.0 = teacher part only, 0.0 = student only).
-    """
+def mix(teacher_rows: list[dict], self_rows: list[dict], mode: str = "adaptive",
+        mix_rate: float | None = None, seed: int = 42) -> tuple[list[dict], float]:  # fmt: skip
+    """An iteration's training set from D_LLM and D_self (one row per (id, strategy) each), and
+    alpha, its teacher share (SPEC 1.4.3). adaptive: teacher rows only for the pairs the student
+    did not solve; all: every one. mix_rate forces alpha by sampling that teacher part, as close
+    as its size allows (1.0: teacher part only)."""
     solved = {(r["id"], r["strategy"]) for r in self_rows}
     if mode == "adaptive":
         pool = [r for r in teacher_rows if (r["id"], r["strategy"]) not in solved]
@@ -633,7 +570,6 @@ class Run:
     questions: dict[str, dict]  # GSM8K train rows by id (training and held-out questions)
     train_ids: list[str]
     heldout_ids: list[str]
-
     held: list[str] | None = dataclasses.field(default_factory=list)  # log lines not yet written
 
     def log(self, message: str) -> None:
@@ -667,9 +603,8 @@ class Run:
     def weights_dtype(self, training: bool = False) -> torch.dtype:
         # full fine-tuning keeps fp32 master weights under bf16 autocast; LoRA trains fp32
         # adapters on a frozen base in the run's dtype (the paper: 16-bit base weights)
-        if training and self.cfg.full_finetune:
-            return torch.float32
-        return getattr(torch, self.cfg.dtype)
+        fp32 = training and self.cfg.full_finetune
+        return torch.float32 if fp32 else getattr(torch, self.cfg.dtype)
 
     def generate(self, model, prompts, n, max_new_tokens, temperature=0.0, seed=None):
         """sample.generate with the run's nucleus, batch size and stop strings."""
@@ -681,10 +616,8 @@ class Run:
                                compile=self.cfg.compile)  # fmt: skip
 
     def load_model(self, name_or_path: str | Path, training: bool = False) -> Transformer:
-        model = Transformer.from_pretrained(
-            str(name_or_path), device=str(self.device), dtype=self.weights_dtype(training)
-        )
-        return model.eval()
+        dtype, device = self.weights_dtype(training), str(self.device)
+        return Transformer.from_pretrained(str(name_or_path), device=device, dtype=dtype).eval()
 
     def student(self, t: int) -> Path:
         return self.dir / f"iter{t}" / "train" / "student"
@@ -701,14 +634,20 @@ def teacher_rows(R: Run) -> list[dict]:
     ]
 
 
+def per_strategy(strategies=None, **groups: list[dict]) -> dict[str, dict[str, int]]:
+    """{strategy: {group: its rows of that strategy}} ("none": no strategy), for `strategies` or
+    else every strategy the groups hold, sorted."""
+    counts = {name: Counter(r["strategy"] or "none" for r in rows) for name, rows in groups.items()}
+    if strategies is None:
+        strategies = sorted(set().union(*counts.values()))
+    return {s: {name: c[s] for name, c in counts.items()} for s in strategies}
+
+
 def run_chunks(R: Run, folder: Path, items: list, cs: int, load, generate_chunk, desc: str):
-    """Split items into chunks of cs items; each rank generates the chunks i with
-    i % world == rank that are not on disk yet, each written as one atomic JSONL file. After a
-    barrier rank 0 returns every row in order (others: None), with the tokens/s of this attempt.
-    A crash loses only the chunk in progress."""
-    chunk_dir = folder / "chunks"
-    chunk_dir.mkdir(parents=True, exist_ok=True)
-    paths = [chunk_dir / f"{i:05d}.jsonl" for i in range(math.ceil(len(items) / cs))]
+    """Generate items in chunks of cs, rank r the chunks i = r mod world not on disk yet, each
+    written as one atomic JSONL file (a crash loses only the chunk in progress). Rank 0 returns
+    every row in order and this attempt's tokens/s; the other ranks (None, None)."""
+    paths = [folder / "chunks" / f"{i:05d}.jsonl" for i in range(math.ceil(len(items) / cs))]
     todo = [i for i in range(len(paths)) if i % R.d.world == R.d.rank and not paths[i].is_file()]
     n_done = sum(p.is_file() for p in paths)
     if n_done:
@@ -739,9 +678,8 @@ def score(texts: list[str], strategies: list[str | None], golds: list[float], re
     """Predicted answers (PoT programs run in one sandboxed batch; no strategy: read as CoT) and
     whether each is correct."""
     preds = verify.extract_answers(texts, strategies)
-    return preds, [
-        verify.is_correct(p, g, rel_tol=rel_tol) for p, g in zip(preds, golds, strict=True)
-    ]
+    ok = [verify.is_correct(p, g, rel_tol=rel_tol) for p, g in zip(preds, golds, strict=True)]
+    return preds, ok
 
 
 def parse_output(R: Run, text: str) -> tuple[str | None, str]:
@@ -758,14 +696,13 @@ def parse_output(R: Run, text: str) -> tuple[str | None, str]:
 
 
 def stage_teacher(R: Run, folder: Path, t: int = 0) -> dict:
-    """D_LLM: the teacher's solutions to the training questions (rank 0), one kept per
+    """D_LLM (rank 0): the teacher's solutions to the training questions, one kept per
     (question, strategy)."""
     if not R.d.main:
         return {}
     cfg = R.cfg
     rows = [R.questions[i] for i in R.train_ids]
     out = folder / "teacher.jsonl"
-    folder.mkdir(parents=True, exist_ok=True)
     kw = dict(strategies_=cfg.strategies, progress=True)
     try:
         if cfg.teacher_url:
@@ -788,14 +725,8 @@ def stage_teacher(R: Run, folder: Path, t: int = 0) -> dict:
         r["correct"] = r["correct"] and verify.is_correct(r["answer"], gold, rel_tol=cfg.rel_tol)
     selected = teacher.select_teacher(all_rows)
     write_jsonl(folder / "selected.jsonl", selected)
-    per = {
-        s: {
-            "rows": sum(r["strategy"] == s for r in all_rows),
-            "correct": sum(r["strategy"] == s and bool(r["correct"]) for r in all_rows),
-            "selected": sum(r["strategy"] == s for r in selected),
-        }
-        for s in cfg.strategies
-    }
+    correct = [r for r in all_rows if r["correct"]]
+    per = per_strategy(cfg.strategies, rows=all_rows, correct=correct, selected=selected)
     kept = [s for s in cfg.strategies if per[s]["selected"]]
     for s in cfg.strategies:
         if s not in kept:
@@ -807,20 +738,6 @@ def stage_teacher(R: Run, folder: Path, t: int = 0) -> dict:
         fail("teacher: no correct teacher solution for any strategy")
     R.log(f"teacher ({source}): {len(selected)} solutions for {len(rows)} questions: {per}")
     return {"source": source, "questions": len(rows), "strategies": kept, "per_strategy": per}
-
-
-def build_examples(R: Run, rows: list[dict]) -> tuple[list[Example], int]:
-    """Training rows -> token examples: prompt + response + EOS (strategies.training_example)."""
-    examples, n_cut = [], 0
-    for r in rows:
-        q = R.questions[r["id"]]["question"]
-        prompt, response = S.training_example(q, r["strategy"], r["text"], tagged=R.tagged)
-        ex = tokenize_example(R.tok, prompt, response)
-        if len(ex.ids) > R.cfg.max_seq_len:
-            n_cut += 1
-            ex = Example(ex.ids[: R.cfg.max_seq_len], min(ex.n_prompt, R.cfg.max_seq_len))
-        examples.append(ex)
-    return examples, n_cut
 
 
 def stage_train(R: Run, folder: Path, t: int) -> dict:
@@ -837,22 +754,31 @@ def stage_train(R: Run, folder: Path, t: int) -> dict:
         rows = read_jsonl(R.dir / f"iter{t}" / "mix" / "train.jsonl")
     if not rows:
         fail(f"iter{t} train: the training set is empty")
-    examples, n_cut = build_examples(R, rows)
+    examples, n_cut = [], 0  # prompt + response + EOS, as strategies.training_example lays out
+    for r in rows:
+        q = R.questions[r["id"]]["question"]
+        ex = tokenize_example(R.tok, *S.training_example(q, r["strategy"], r["text"], R.tagged))
+        if len(ex.ids) > cfg.max_seq_len:
+            n_cut += 1
+            ex = Example(ex.ids[: cfg.max_seq_len], min(ex.n_prompt, cfg.max_seq_len))
+        examples.append(ex)
     if n_cut:
         R.log(f"iter{t} train: {n_cut} of {len(examples)} examples cut to {cfg.max_seq_len} tokens")
     base = cfg.model if t == 1 or cfg.from_base else R.student(t - 1)
-    model = R.load_model(base, training=True)
-    if not cfg.full_finetune:
-        add_lora(model, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed + t)
-    ckpt, desc = folder / "ckpt.pt", f"iter{t} train"
+
+    def fresh() -> Transformer:
+        model = R.load_model(base, training=True)
+        if not cfg.full_finetune:
+            add_lora(model, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed + t)
+        return model
+
+    model, ckpt, desc = fresh(), folder / "ckpt.pt", f"iter{t} train"
     stats = train(model, examples, cfg, R.device, R.d, ckpt, desc, R.log, R.tok.pad_id)
     if cfg.fsdp and R.d.world > 1:  # rank 0 gathers the shards into a whole model to save
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(model, options=whole)
         if R.d.main:
-            model = R.load_model(base, training=True)
-            if not cfg.full_finetune:
-                add_lora(model, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed + t)
+            model = fresh()
             model.load_state_dict(state)
     if R.d.main:
         if not cfg.full_finetune:
@@ -862,13 +788,8 @@ def stage_train(R: Run, folder: Path, t: int) -> dict:
             f"iter{t} train: loss {stats['first_loss']:.4f} -> {stats['final_loss']:.4f}, "
             f"student saved in {folder / 'student'}"
         )
-    return dict(
-        stats,
-        base=str(base),
-        rows=len(rows),
-        cut=n_cut,
-        per_strategy=dict(sorted(Counter(r["strategy"] for r in rows).items())),
-    )
+    per = dict(sorted(Counter(r["strategy"] for r in rows).items()))
+    return dict(stats, base=str(base), rows=len(rows), cut=n_cut, per_strategy=per)
 
 
 def stage_sample(R: Run, folder: Path, t: int) -> dict:
@@ -907,12 +828,8 @@ def stage_sample(R: Run, folder: Path, t: int) -> dict:
     if not R.d.main:
         return {}
     write_jsonl(folder / "samples.jsonl", rows)
-    return {
-        "samples": len(rows),
-        "questions": len(R.train_ids),
-        "sample_tok_s": tok_s,
-        "tokens": sum(r["n_tokens"] for r in rows),
-    }
+    tokens = sum(r["n_tokens"] for r in rows)
+    return dict(samples=len(rows), questions=len(R.train_ids), sample_tok_s=tok_s, tokens=tokens)
 
 
 def stage_filter(R: Run, folder: Path, t: int) -> dict:
@@ -922,9 +839,8 @@ def stage_filter(R: Run, folder: Path, t: int) -> dict:
         return {}
     rows = read_jsonl(R.dir / f"iter{t}" / "sample" / "samples.jsonl")
     golds = [R.questions[r["id"]]["answer"] for r in rows]
-    preds, correct = score(
-        [r["text"] for r in rows], [r["strategy"] for r in rows], golds, R.cfg.rel_tol
-    )
+    texts, strategies = [r["text"] for r in rows], [r["strategy"] for r in rows]
+    preds, correct = score(texts, strategies, golds, R.cfg.rel_tol)
     kept, seen = [], set()
     for r, gold, pred, ok in zip(rows, golds, preds, correct, strict=True):
         pair = (r["id"], r["strategy"])
@@ -939,19 +855,12 @@ def stage_filter(R: Run, folder: Path, t: int) -> dict:
         else:
             verdict = "kept"
             seen.add(pair)
-        r.update(answer=gold, pred=pred, verdict=verdict)
-        if verdict == "kept":
             kept.append(r)
+        r.update(answer=gold, pred=pred, verdict=verdict)
     write_jsonl(folder / "samples.jsonl", rows)
     write_jsonl(folder / "kept.jsonl", kept)
-    per = {}
-    for s in sorted({r["strategy"] or "none" for r in rows}):
-        rs = [r for r in rows if (r["strategy"] or "none") == s]
-        per[s] = {
-            "samples": len(rs),
-            "correct": sum(r["verdict"] in ("kept", "correct_duplicate") for r in rs),
-            "kept": sum(r["verdict"] == "kept" for r in rs),
-        }
+    correct = [r for r in rows if r["verdict"] in ("kept", "correct_duplicate")]
+    per = per_strategy(samples=rows, correct=correct, kept=kept)
     R.log(f"iter{t} filter: kept {len(kept)} of {len(rows)} samples: {per}")
     return {"samples": len(rows), "kept": len(kept), "per_strategy": per}
 
@@ -961,27 +870,22 @@ def off_policy_rows(R: Run, self_rows: list[dict], d_llm: list[dict]) -> tuple[l
     (question, strategy) that D_LLM does not already hold (the teacher's other samples), else to
     D_LLM's own one; pairs the teacher never solved lose their row."""
     used = {(r["id"], r["strategy"]): r for r in d_llm}
-    extra: dict[tuple, list[dict]] = {}
+    extra: dict[tuple, dict] = {}  # the first such teacher row per pair
     for r in read_jsonl(R.dir / "teacher" / "teacher.jsonl"):
         pair = (r["id"], r["strategy"])
         if r["correct"] and pair in used and r["text"] != used[pair]["text"]:
-            extra.setdefault(pair, []).append(r)
+            extra.setdefault(pair, r)
     out, n_extra = [], 0
     for r in self_rows:
         pair = (r["id"], r["strategy"])
-        if extra.get(pair):
-            row = extra[pair][0]
-            out.append(
-                dict(row, source="teacher", teacher=row["source"], iteration=0, off_policy=True)
-            )
+        if pair in extra:
+            t = extra[pair]
+            out.append(dict(t, source="teacher", teacher=t["source"], iteration=0, off_policy=True))
             n_extra += 1
         elif pair in used:
             out.append(dict(used[pair], off_policy=True))
-    info = {
-        "extra_teacher": n_extra,
-        "reused_teacher": len(out) - n_extra,
-        "dropped": len(self_rows) - len(out),
-    }
+    n_dropped = len(self_rows) - len(out)
+    info = {"extra_teacher": n_extra, "reused_teacher": len(out) - n_extra, "dropped": n_dropped}
     R.log(f"off-policy: {len(self_rows)} student rows replaced by teacher rows: {info}")
     return out, info
 
@@ -999,33 +903,20 @@ def stage_mix(R: Run, folder: Path, t: int) -> dict:
     rows, alpha_mix = mix(d_llm, d_self, cfg.mix, cfg.mix_rate, seed=cfg.seed + t)
     if cfg.bias:
         rows = apply_bias(rows, BIAS_ORDERS[cfg.bias])
-    n_teacher = sum(r["source"] == "teacher" for r in rows)
-    alpha = n_teacher / len(rows) if rows else 0.0
     write_jsonl(folder / "train.jsonl", rows)
+    by_source = {src: [r for r in rows if r["source"] == src] for src in ("teacher", "student")}
+    n_teacher = len(by_source["teacher"])
+    n_student = len(rows) - n_teacher
+    alpha = n_teacher / len(rows) if rows else 0.0
     if cfg.mix_rate is not None and abs(alpha_mix - cfg.mix_rate) > 0.01:
         R.log(f"iter{t} mix: --mix-rate {cfg.mix_rate} not reachable, alpha = {alpha_mix:.3f}")
     R.log(
-        f"iter{t} mix ({cfg.mix}): {len(rows) - n_teacher} student + {n_teacher} teacher rows, "
+        f"iter{t} mix ({cfg.mix}): {n_student} student + {n_teacher} teacher rows, "
         f"alpha = {alpha:.3f}"
     )
-    per = {
-        s: {
-            src: sum(r["strategy"] == s and r["source"] == src for r in rows)
-            for src in ("teacher", "student")
-        }
-        for s in R.strategies
-    }
-    return dict(
-        info,
-        rows=len(rows),
-        teacher_rows=n_teacher,
-        student_rows=len(rows) - n_teacher,
-        alpha=alpha,
-        alpha_mix=alpha_mix,
-        d_llm=len(d_llm),
-        d_self=len(d_self),
-        per_strategy=per,
-    )
+    stats = dict(rows=len(rows), teacher_rows=n_teacher, student_rows=n_student, alpha=alpha)
+    stats |= dict(alpha_mix=alpha_mix, d_llm=len(d_llm), d_self=len(d_self))
+    return info | stats | dict(per_strategy=per_strategy(R.strategies, **by_source))
 
 
 def eval_items(R: Run) -> list[tuple[str, dict]]:
@@ -1077,121 +968,89 @@ def stage_eval(R: Run, folder: Path, t: int) -> dict:
             ss = [r for r in rs if (r["strategy"] or "none") == s]
             c = sum(r["correct"] for r in ss)
             per[s] = {"n": len(ss), "share": len(ss) / n, "correct": c, "accuracy": c / len(ss)}
-        results[name] = {
-            "n": n,
-            "correct": k,
-            "accuracy": k / n if n else 0.0,
-            "ci95": list(wilson(k, n)),
-            "strategies": per,
-        }
+        acc = k / n if n else 0.0
+        results[name] = dict(n=n, correct=k, accuracy=acc, ci95=list(wilson(k, n)), strategies=per)
     write_jsonl(folder / "predictions.jsonl", rows)
-    write_json(
-        folder / "eval.json",
-        {
-            "iteration": t,
-            "student": str(R.student(t).relative_to(R.dir)),
-            "rel_tol": cfg.rel_tol,
-            "sets": results,
-        },
-    )
+    student = str(R.student(t).relative_to(R.dir))
+    summary = {"iteration": t, "student": student, "rel_tol": cfg.rel_tol, "sets": results}
+    write_json(folder / "eval.json", summary)
     R.log(f"iter{t} eval: " + ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in results.items()))
-    return {
-        "gen_tok_s": tok_s,
-        "tokens": sum(r["n_tokens"] for r in rows),
-        "accuracy": {k: v["accuracy"] for k, v in results.items()},
-    }
+    accuracy = {k: v["accuracy"] for k, v in results.items()}
+    return dict(gen_tok_s=tok_s, tokens=sum(r["n_tokens"] for r in rows), accuracy=accuracy)
 
 
 # ---------------------------------------------------------------------------------------- report
 
 
-def _bar(share: float, width: int = 24) -> str:
-    n = round(share * width)
-    return "█" * n + "·" * (width - n)
-
-
-def _chart_line(t: int, label: str, strategy: str, share: float) -> str:
-    return f"iter{t} {label:<11} {strategy:<5} {_bar(share)} {share:6.1%}"
-
-
-def _done(folder: Path) -> dict | None:
-    return read_json(folder / "DONE") if is_done(folder) else None
+def _chart_line(t: int, label: str, strategy: str, share: float, note: str) -> str:
+    n = round(share * 24)
+    return f"iter{t} {label:<11} {strategy:<5} {'█' * n + '·' * (24 - n)} {share:6.1%}  ({note})"
 
 
 def write_report(R: Run) -> None:
     """runs/<name>/report.md from the finished stages' files (rank 0, after every stage)."""
-    cfg = R.cfg
-    sets = [*cfg.eval_sets, HELDOUT]
+    cfg, sets = R.cfg, [*R.cfg.eval_sets, HELDOUT]
     iters = [t for t in range(1, cfg.iterations + 1) if (R.dir / f"iter{t}").is_dir()]
-    L = [
-        f"# SIKeD run `{R.dir.name}`",
-        "",
-        f"Rewritten {time.strftime('%Y-%m-%d %H:%M:%S')} after each stage by siked.py.",
-    ]
+    done = {  # every finished stage's DONE, in the order of the run
+        f"iter{t} {name}" if t else name: read_json(folder / "DONE")
+        for name, folder, _, _, t in plan(R)
+        if is_done(folder)
+    }
+    evals = {
+        t: read_json(R.dir / f"iter{t}" / "eval" / "eval.json")["sets"]
+        for t in iters
+        if f"iter{t} eval" in done
+    }
+    row = lambda *cells: "| " + " | ".join(map(str, cells)) + " |"
+    rule = lambda n_columns: "|---" * n_columns + "|"
+
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    L = [f"# SIKeD run `{R.dir.name}`", "", f"Rewritten {stamp} after each stage by siked.py."]
     if cfg.quick:
         L += [
             "",
             "**A --quick run**: scaled down to finish in minutes on a CPU; its numbers say "
             "the pipeline works, not what the method achieves.",
         ]
-    L += ["", "## Config", "", "| setting | value |", "|---|---|"]
-    variant = (
-        "single strategy (untagged)"
-        if not R.tagged
-        else f"{cfg.bias}-biased SIKeD"
-        if cfg.bias
-        else "SIKeD (Combined start)"
-    )
-    teacher_done = _done(R.dir / "teacher")
+    variant = f"{cfg.bias}-biased SIKeD" if cfg.bias else "SIKeD (Combined start)"
+    mixing = cfg.mix + (f", forced alpha {cfg.mix_rate}" if cfg.mix_rate is not None else "")
+    adapter = f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}"
     shown = {
         "model": cfg.model,
-        "variant": variant,
+        "variant": variant if R.tagged else "single strategy (untagged)",
         "strategies": ", ".join(cfg.strategies),
-        "teacher": teacher_done["source"] if teacher_done else "(not run yet)",
+        "teacher": done["teacher"]["source"] if "teacher" in done else "(not run yet)",
         "iterations": cfg.iterations,
-        "mix": cfg.mix
-        + (f", forced alpha {cfg.mix_rate}" if cfg.mix_rate is not None else "")
-        + (", off-policy" if cfg.off_policy else ""),
+        "mix": mixing + (", off-policy" if cfg.off_policy else ""),
         "retraining": "from the base model" if cfg.from_base else "continual (merge, new LoRA)",
-        "training": (
-            "full fine-tuning"
-            if cfg.full_finetune
-            else f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}"
-        )
-        + f", lr {cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs, max_seq_len "
-        f"{cfg.max_seq_len}, loss on {cfg.loss_on}, {cfg.dtype}",
+        "training": f"{'full fine-tuning' if cfg.full_finetune else adapter}, lr {cfg.lr}, "
+        f"batch {cfg.batch_size}, {cfg.epochs} epochs, max_seq_len {cfg.max_seq_len}, "
+        f"loss on {cfg.loss_on}, {cfg.dtype}",
         "sampling": f"{cfg.samples} per (question, strategy), {cfg.sampling}, T={cfg.temperature},"
         f" top-p {cfg.top_p}, {cfg.sample_max_new_tokens} new tokens",
         "evaluation": f"greedy, {cfg.eval_max_new_tokens} new tokens, rel_tol {cfg.rel_tol}, "
         + (f"{cfg.eval_limit} questions per set" if cfg.eval_limit else "full sets"),
         "questions": f"{len(R.train_ids)} training, {len(R.heldout_ids)} held out (GSM8K train)",
     }
-    L += [f"| {k} | {v} |" for k, v in shown.items()]
+    L += ["", "## Config", "", row("setting", "value"), rule(2)]
+    L += [row(k, v) for k, v in shown.items()]
     L += ["", "Every setting: `config.json`."]
 
-    L += [
-        "",
-        "## Data per iteration",
-        "",
-        "| iteration | teacher rows (D_LLM) | self-generated kept / samples | alpha | "
-        "training rows | packed sequences | steps |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    L += ["", "## Data per iteration", ""]
+    L += [row("iteration", "teacher rows (D_LLM)", "self-generated kept / samples", "alpha",
+              "training rows", "packed sequences", "steps"), rule(7)]  # fmt: skip
+    listing = lambda per, cell: ", ".join(f"{s} {cell(v)}" for s, v in per.items())
     for t in iters:
-        it = R.dir / f"iter{t}"
-        tr, fi, mx = _done(it / "train"), _done(it / "filter"), _done(it / "mix")
-        per = lambda d, key: ", ".join(f"{s} {v[key] if key else v}" for s, v in d.items())
+        tr, fi, mx = (done.get(f"iter{t} {s}") for s in ("train", "filter", "mix"))
         if t == 1:  # iteration 1 trains on teacher rows only
-            teach, selfgen, alpha = (per(tr["per_strategy"], None) if tr else ""), "-", "1.000"
+            cells = [listing(tr["per_strategy"], str) if tr else "", "-", "1.000"]
         else:
-            teach = per(mx["per_strategy"], "teacher") if mx else ""
-            kept = lambda v: f"{v['kept']}/{v['samples']}"
-            selfgen = (
-                ", ".join(f"{s} {kept(v)}" for s, v in fi["per_strategy"].items()) if fi else ""
-            )
-            alpha = f"{mx['alpha']:.3f}" if mx else ""
-        train_cells = [str(tr[k]) if tr else "" for k in ("rows", "sequences", "steps")]
-        L.append(f"| {t} | {teach} | {selfgen} | {alpha} | " + " | ".join(train_cells) + " |")
+            cells = [
+                listing(mx["per_strategy"], lambda v: v["teacher"]) if mx else "",
+                listing(fi["per_strategy"], lambda v: f"{v['kept']}/{v['samples']}") if fi else "",
+                f"{mx['alpha']:.3f}" if mx else "",
+            ]
+        L.append(row(t, *cells, *(tr[k] if tr else "" for k in ("rows", "sequences", "steps"))))
 
     L += [
         "",
@@ -1200,32 +1059,19 @@ def write_report(R: Run) -> None:
         f"Accuracy (%) with a 95% Wilson interval; `{HELDOUT}` is the held-out 10% of GSM8K "
         "train, used only to choose an iteration.",
         "",
-        "| iteration | " + " | ".join(sets) + " |",
-        "|---" * (len(sets) + 1) + "|",
+        row("iteration", *sets),
+        rule(len(sets) + 1),
     ]
-    evals = {
-        t: read_json(R.dir / f"iter{t}" / "eval" / "eval.json")["sets"]
-        for t in iters
-        if is_done(R.dir / f"iter{t}" / "eval")
-    }
-    for t, res in evals.items():
-        cells = [
-            f"{100 * res[s]['accuracy']:.1f} [{100 * res[s]['ci95'][0]:.1f}, "
-            f"{100 * res[s]['ci95'][1]:.1f}] (n={res[s]['n']})"
-            for s in sets
-        ]
-        L.append(f"| {t} | " + " | ".join(cells) + " |")
+    pct = lambda x: f"{100 * x:.1f}"
+    cell = lambda r: f"{pct(r['accuracy'])} [{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] (n={r['n']})"
+    L += [row(t, *(cell(res[s]) for s in sets)) for t, res in evals.items()]
     if len(evals) > 1:
         first, last = evals[min(evals)], evals[max(evals)]
         gains = [f"{100 * (last[s]['accuracy'] - first[s]['accuracy']):+.1f}" for s in sets]
-        L.append(f"| gain, iteration {max(evals)} - 1 | " + " | ".join(gains) + " |")
+        L.append(row(f"gain, iteration {max(evals)} - 1", *gains))
     key = next((k for k in PAPER_GAINS if k in Path(cfg.model).name.lower()), None)
     if key:
-        L.append(
-            f"| paper's gain ({key}) | "
-            + " | ".join(PAPER_GAINS[key].get(s, "") for s in sets)
-            + " |"
-        )
+        L.append(row(f"paper's gain ({key})", *(PAPER_GAINS[key].get(s, "") for s in sets)))
     L += [
         "",
         "The paper's gains (SPEC.md section 4) are SIKeD minus the best single-strategy or "
@@ -1246,37 +1092,24 @@ def write_report(R: Run) -> None:
     ]
     chart = []
     for t in iters:
-        it, lines = R.dir / f"iter{t}", []
-        tr, mx = _done(it / "train"), _done(it / "mix")
-        if tr:
-            total = sum(tr["per_strategy"].values())
-            for s, n in tr["per_strategy"].items():
-                src = mx["per_strategy"][s] if mx else {"teacher": n, "student": 0}
-                lines.append(
-                    _chart_line(t, "train", s, n / total)
-                    + f"  (teacher {src['teacher']}, student {src['student']})"
-                )
+        lines, tr, mx = [], done.get(f"iter{t} train"), done.get(f"iter{t} mix")
+        for s, n in tr["per_strategy"].items() if tr else ():
+            src = mx["per_strategy"][s] if mx else {"teacher": n, "student": 0}
+            share = n / sum(tr["per_strategy"].values())
+            note = f"teacher {src['teacher']}, student {src['student']}"
+            lines.append(_chart_line(t, "train", s, share, note))
         for name in cfg.eval_sets if t in evals else ():
             for s, v in evals[t][name]["strategies"].items():
-                lines.append(
-                    _chart_line(t, name, s, v["share"])
-                    + f"  (accuracy {v['accuracy']:.1%}, n={v['n']})"
-                )
+                note = f"accuracy {v['accuracy']:.1%}, n={v['n']}"
+                lines.append(_chart_line(t, name, s, v["share"], note))
         chart += [*lines, ""] if lines else []
     L += ["```", *chart[:-1], "```"] if chart else ["(no iteration trained yet)"]
 
-    L += ["", "## Wall time", "", "| stage | wall time | throughput |", "|---|---|---|"]
-    folders = [("teacher", R.dir / "teacher")] + [
-        (f"iter{t} {s}", R.dir / f"iter{t}" / s)
-        for t in iters
-        for s in ("sample", "filter", "mix", "train", "eval")
-    ]
-    for label, folder in folders:
-        info = _done(folder)
-        if info:
-            rates = {"train_tok_s": "trained", "sample_tok_s": "sampled", "gen_tok_s": "decoded"}
-            rate = " ".join(f"{info[k]} tok/s {v}" for k, v in rates.items() if info.get(k))
-            L.append(f"| {label} | {info['wall_s'] / 60:.1f} min | {rate} |")
+    L += ["", "## Wall time", "", row("stage", "wall time", "throughput"), rule(3)]
+    rates = {"train_tok_s": "trained", "sample_tok_s": "sampled", "gen_tok_s": "decoded"}
+    for label, info in done.items():
+        rate = " ".join(f"{info[k]} tok/s {v}" for k, v in rates.items() if info.get(k))
+        L.append(row(label, f"{info['wall_s'] / 60:.1f} min", rate))
 
     L += [
         "",
@@ -1431,10 +1264,9 @@ def main(cfg: RunConfig) -> Path:
     if cfg.dtype == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         cfg = dataclasses.replace(cfg, dtype="bfloat16" if bf16 else "float32")
+    run_name = cfg.run_name or default_run_name(cfg)
     try:
-        cfg = dataclasses.replace(
-            cfg, lr=resolve_lr(cfg), run_name=cfg.run_name or default_run_name(cfg)
-        )
+        cfg = dataclasses.replace(cfg, lr=resolve_lr(cfg), run_name=run_name)
         tok = Tokenizer.from_pretrained(cfg.model)
         gsm8k = prepare.load("gsm8k", "train", progress=d.main)
     except (OSError, ValueError, KeyError) as e:
@@ -1563,12 +1395,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
             if isinstance(default, bool):
                 g.add_argument(flag, action="store_true", help=text)
                 continue
-            kind = (
-                csv
-                if isinstance(default, tuple)
-                else TYPES.get(name, str if default is None else type(default))
-            )
-            shown = ",".join(default) if isinstance(default, tuple) else default
+            if isinstance(default, tuple):
+                kind, shown = csv, ",".join(default)
+            else:
+                kind, shown = TYPES.get(name, str if default is None else type(default)), default
             text += "" if "default" in text or default is None else f" (default {shown})"
             g.add_argument(flag, type=kind, choices=CHOICES.get(name), help=text,
                            required=name == "model")  # fmt: skip
