@@ -116,7 +116,7 @@ def format_target(strategy: str, body: str) -> str:
     return _strategy(strategy).tag + body
 
 
-_TAG_RE = re.compile(r"\s*\[\s*(cot|l2m|pot)\s*\]\s*:\s?", re.I)
+_TAG_RE = re.compile(r"\s*\[\s*(cot|l2m|pot)\s*\](?:\s*:\s?)?", re.I)  # small students drop the ":"
 
 
 def parse_solution(text: str) -> tuple[str | None, str]:

@@ -121,6 +121,7 @@ def test_parse_solution_forgives_case_and_spacing_and_reports_no_tag():
     assert S.parse_solution("[COT]:so 3") == ("cot", "so 3")
     assert S.parse_solution("  [ pot ] : answer = 1") == ("pot", "answer = 1")
     assert S.parse_solution("cot: 3 apples") == (None, "cot: 3 apples")
+    assert S.parse_solution("[cot]\n\nStep 1: 3") == ("cot", "\n\nStep 1: 3")  # no colon
     assert S.parse_solution("[tot]: 3") == (None, "[tot]: 3")
 
 
