@@ -796,7 +796,6 @@ def stage_sample(R: Run, folder: Path, t: int) -> dict:
     """D_self candidates: the last student samples every training question, each strategy forced
     by its tag (--sampling free: the student picks), T=0.7, top-p 0.95."""
     cfg, strategies = R.cfg, R.strategies
-    by_tag = {S.STRATEGIES[s].tag: s for s in strategies}
 
     def generate_chunk(model, ids: list[str], i: int) -> list[dict]:
         seed = cfg.seed + 1000 * t + i  # per chunk: a resumed chunk draws the same samples
@@ -805,7 +804,7 @@ def stage_sample(R: Run, folder: Path, t: int) -> dict:
         if not R.tagged:
             prompts = [S.single_prompt(q, strategies[0]) for q in qs]
         elif cfg.sampling == "forced":
-            tags = [(S.STRATEGIES[s].tag, cfg.samples) for s in strategies]
+            tags = [(S.forced_tag(s), cfg.samples) for s in strategies]
             prompts = [sample.SharedPrompt(S.student_prompt(q), tags) for q in qs]
         else:
             prompts, n = [S.student_prompt(q) for q in qs], cfg.samples * len(strategies)
@@ -813,10 +812,8 @@ def stage_sample(R: Run, folder: Path, t: int) -> dict:
         rows = []
         for qid, completions in zip(ids, outs, strict=True):
             for k, c in enumerate(completions):
-                if c.continuation:
-                    strategy, body = by_tag[c.continuation], c.text
-                else:
-                    strategy, body = parse_output(R, c.text)
+                # a forced tag is read back with its sample (the space after it is the sample's)
+                strategy, body = parse_output(R, c.continuation + c.text)
                 row = dict(id=qid, iteration=t, source="student", strategy=strategy, sample=k)
                 rows.append(row | dict(seed=seed, text=body, **_finish(c)))
         return rows

@@ -102,9 +102,15 @@ def student_prompt(question: str) -> str:
     return _alpaca(_MULTI_INSTRUCTION, question)
 
 
+def forced_tag(strategy: str) -> str:
+    """The tag a forced sample starts from, without its trailing space: BPE tokenizers fold that
+    space into the next word (" minute"), so a prompt ending in " " forces tokens never trained."""
+    return _strategy(strategy).tag.rstrip()
+
+
 def forced_prompt(question: str, strategy: str) -> str:
     """The multi-strategy prompt with the strategy's tag already written."""
-    return student_prompt(question) + _strategy(strategy).tag
+    return student_prompt(question) + forced_tag(strategy)
 
 
 def single_prompt(question: str, strategy: str) -> str:

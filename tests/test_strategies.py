@@ -88,7 +88,20 @@ def test_student_prompt_is_alpaca_shaped():
 
 def test_forced_prompt_is_the_student_prompt_plus_the_tag():
     for name, s in S.STRATEGIES.items():
-        assert S.forced_prompt("Q?", name) == S.student_prompt("Q?") + s.tag
+        assert S.forced_prompt("Q?", name) == S.student_prompt("Q?") + s.tag.rstrip()
+
+
+def test_forced_tag_tokens_begin_the_trained_response(smollm2_dir):
+    """At sampling the forced tag's tokens must be those the student was trained on: with the tag's
+    trailing space, SmolLM2's BPE ends the prompt on a lone " " that training never had."""
+    from model import Tokenizer
+
+    tok = Tokenizer.from_pretrained(smollm2_dir)
+    for name, body in [("cot", "Natalia sold 48 clips."), ("pot", "minute = 12 / 60")]:
+        trained = tok.encode(S.format_target(name, body))
+        forced = tok.encode(S.forced_tag(name))
+        assert trained[: len(forced)] == forced, name
+        assert tok.encode(S.STRATEGIES[name].tag) != trained[: len(forced) + 1]  # the old bug
 
 
 def test_single_prompt_has_no_tag_and_names_the_strategy():

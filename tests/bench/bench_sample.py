@@ -87,7 +87,7 @@ def work_ours(a: dict) -> dict:
         import strategies as S
 
         gen_tok = tok
-        tags = [(S.STRATEGIES[s].tag, a["n"]) for s in ("cot", "l2m", "pot")]
+        tags = [(S.forced_tag(s), a["n"]) for s in ("cot", "l2m", "pot")]
         prompts = [sample.SharedPrompt(S.student_prompt(q), tags) for q in a["questions"]]
         kw = dict(temperature=0.7, top_p=0.95, stop=S.STOP, seed=0, batch_size=a["batch_size"])
     sample.generate(net, gen_tok, prompts[:1], max_new_tokens=4, progress=False, **kw)  # warm-up
@@ -124,7 +124,7 @@ def work_hf(a: dict) -> dict:
         for i in range(0, len(a["questions"]), per_call):
             qs = a["questions"][i : i + per_call]
             texts = [
-                S.student_prompt(q) + S.STRATEGIES[s].tag for q in qs for s in ("cot", "l2m", "pot")
+                S.student_prompt(q) + S.forced_tag(s) for q in qs for s in ("cot", "l2m", "pot")
             ]
             calls.append([tok.encode(t, bos=tok.add_bos) for t in texts])
         kw = dict(
