@@ -292,8 +292,9 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, dim)
         x = self.model.norm(x)
-        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, w).float()  # (B, T, vocab)
+        if self.lm_head is None:
+            return F.linear(x, self.model.embed_tokens.weight).float()  # (B, T, vocab)
+        return self.lm_head(x).float()
 
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32) -> "Transformer":

@@ -47,10 +47,11 @@ temperature, top-k and top-p, so also defined for greedy decoding.
 
 import argparse
 from collections import deque
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 PREFILL_TOKENS = 1024  # prompt tokens (rows x padded length) per prefill forward: bounds memory
@@ -132,6 +133,52 @@ def setup_caches(model, batch_size: int, max_len: int) -> list[RowKVCache]:
         RowKVCache(batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, weight.dtype, weight.device)
         for _ in range(cfg.n_layers)
     ]
+
+
+def can_pack(model) -> bool:
+    """Whether pack_linears applies: a CPU model in fp32, or bf16 where oneDNN runs it natively."""
+    w = model.model.embed_tokens.weight
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    bf16 = w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return bf16 or w.dtype == torch.float32
+
+
+class _PackedLinear(nn.Module):
+    """A frozen linear layer whose weight oneDNN reordered once into its blocked layout."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, rows: int):
+        super().__init__()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+@contextmanager
+def pack_linears(model, rows: int):
+    """On CPU, run every linear layer (and a tied output head) from oneDNN-prepacked weights while
+    sampling; the original modules come back afterwards. F.linear reorders its weight on every
+    call: packing once makes SmolLM2-135M's decode matmuls ~1.3x (bf16) to ~2x (fp32) faster.
+    Costs one more copy of the weights; bf16 outputs are bit-identical, fp32 within rounding."""
+    swapped = []
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, _PackedLinear(child.weight, child.bias, rows))
+                swapped.append((module, name, child))
+    tied = model.lm_head is None
+    if tied:
+        model.lm_head = _PackedLinear(model.model.embed_tokens.weight, None, rows)
+    try:
+        yield
+    finally:
+        for module, name, child in swapped:
+            setattr(module, name, child)
+        if tied:
+            del model.lm_head
+            model.lm_head = None
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -436,7 +483,9 @@ def generate(
             new.setdefault(b, []).append(r)
             checker = StopChecker(tokenizer, stop) if stop else None
             slots[r] = _Slot(b, j, len(branches[b].ids) - 1, checker)
-        todo = sorted({branches[b].prompt for b in new if b not in pending_kv})
+        # prompts of similar lengths prefill together: less padding
+        todo = {branches[b].prompt for b in new if b not in pending_kv}
+        todo = sorted(todo, key=lambda p: max(len(branches[i].ids) for i in groups[p]))
         for chunk in _prefill_chunks([groups[p] for p in todo], branches):
             for b, kv in zip(chunk, prefill(model, [branches[i] for i in chunk]), strict=True):
                 if b in new:
@@ -465,56 +514,58 @@ def generate(
 
     width = 0  # rows [0, width) are decoded, the rest are idle
     bar = tqdm(total=len(queue), disable=not progress, unit="completion", desc="sampling")
-    while True:
-        free = [r for r, s in enumerate(slots) if s is None]
-        if queue and free:
-            admit(free)
-            width = max(width, max(r for r, s in enumerate(slots) if s is not None) + 1)
-        n_live = sum(s is not None for s in slots)
-        if n_live == 0:
-            break
-        if not queue and not compile and n_live <= width * 3 // 4:
-            width = compact(width)
+    with pack_linears(model, B) if not compile and can_pack(model) else nullcontext():
+        while True:
+            free = [r for r, s in enumerate(slots) if s is None]
+            if queue and free:
+                admit(free)
+                width = max(width, max(r for r, s in enumerate(slots) if s is not None) + 1)
+            n_live = sum(s is not None for s in slots)
+            if n_live == 0:
+                break
+            if not queue and not compile and n_live <= width * 3 // 4:
+                width = compact(width)
 
-        W = B if compile else width
-        S = L if compile else max(s.pos for s in slots[:W] if s is not None) + 1
-        logits = step(model, caches, tokens[:W], pos[:W], key_pos[:S])  # (W, V) fp32
-        nxt = sample_next_token(
-            logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-        )
-        logprob[:W] += logits.gather(-1, nxt[:, None]).squeeze(-1) - logits.logsumexp(-1)
-        tokens[:W] = nxt
-        pos[:W] += live[:W]  # idle rows stay put
+            W = B if compile else width
+            S = L if compile else max(s.pos for s in slots[:W] if s is not None) + 1
+            logits = step(model, caches, tokens[:W], pos[:W], key_pos[:S])  # (W, V) fp32
+            nxt = sample_next_token(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+            logprob[:W] += logits.gather(-1, nxt[:, None]).squeeze(-1) - logits.logsumexp(-1)
+            tokens[:W] = nxt
+            pos[:W] += live[:W]  # idle rows stay put
 
-        finished = []
-        for r, t in enumerate(nxt.tolist()):  # host sync: the sampled ids
-            s = slots[r]
-            if s is None:
-                continue
-            s.ids.append(t)
-            if t in stop_ids:
-                finished.append((r, "eos"))
-            elif s.stop is not None and s.stop.add(s.ids) >= 0:
-                finished.append((r, "stop"))
-            elif len(s.ids) >= limit[s.branch]:
-                finished.append((r, "length"))
-        if finished:
-            lp = logprob.tolist()
-            for r, reason in finished:
-                s, br = slots[r], branches[slots[r].branch]
-                text = tokenizer.decode(s.ids[:-1] if reason == "eos" else s.ids)
-                if reason == "stop":  # cut at the first stop string of the full decode
-                    cut = _find_stop(text, stop)
-                    text = text if cut < 0 else text[:cut]
-                c = Completion(text, s.ids, reason, lp[r], br.continuation)
-                results[br.prompt][br.out + s.sample] = c
-                slots[r] = None
-            done = torch.tensor([r for r, _ in finished], device=device)
-            live[done] = False
-            # An idle row is still decoded until refilled or compacted away (always, when
-            # compiled): park it at position 0 of its own row, inside the cache whatever its length.
-            pos[done] = 0
-            bar.update(len(finished))
+            finished = []
+            for r, t in enumerate(nxt.tolist()):  # host sync: the sampled ids
+                s = slots[r]
+                if s is None:
+                    continue
+                s.ids.append(t)
+                if t in stop_ids:
+                    finished.append((r, "eos"))
+                elif s.stop is not None and s.stop.add(s.ids) >= 0:
+                    finished.append((r, "stop"))
+                elif len(s.ids) >= limit[s.branch]:
+                    finished.append((r, "length"))
+            if finished:
+                lp = logprob.tolist()
+                for r, reason in finished:
+                    s, br = slots[r], branches[slots[r].branch]
+                    text = tokenizer.decode(s.ids[:-1] if reason == "eos" else s.ids)
+                    if reason == "stop":  # cut at the first stop string of the full decode
+                        cut = _find_stop(text, stop)
+                        text = text if cut < 0 else text[:cut]
+                    c = Completion(text, s.ids, reason, lp[r], br.continuation)
+                    results[br.prompt][br.out + s.sample] = c
+                    slots[r] = None
+                done = torch.tensor([r for r, _ in finished], device=device)
+                live[done] = False
+                # An idle row is still decoded until refilled or compacted away (always, when
+                # compiled): park it at position 0 of its own row, inside the cache whatever its
+                # length.
+                pos[done] = 0
+                bar.update(len(finished))
     bar.close()
     return results
 

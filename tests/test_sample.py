@@ -5,6 +5,7 @@ with our Transformer.from_pretrained, with the real SmolLM2 tokenizer; one test 
 SmolLM2-135M-Instruct weights. All fp32 on CPU.
 """
 
+import copy
 import json
 import math
 import shutil
@@ -20,7 +21,16 @@ from transformers import (
 )
 
 from model import Tokenizer, Transformer
-from sample import SharedPrompt, StopChecker, filter_logits, generate, sample_next_token
+from sample import (
+    SharedPrompt,
+    StopChecker,
+    _PackedLinear,
+    can_pack,
+    filter_logits,
+    generate,
+    pack_linears,
+    sample_next_token,
+)
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April.",
@@ -124,6 +134,38 @@ def test_compiled_decode_step_matches_eager(tiny, tok):
     compiled = generate(ours, _StopAt(tok, stop_ids), PROMPTS * 2, compile=True, **kw)
     assert [c.token_ids for (c,) in compiled] == [c.token_ids for (c,) in eager]
     assert len({len(c.token_ids) for (c,) in eager}) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linears_match_and_put_the_model_back(tiny, dtype):
+    """oneDNN-prepacked weights give the same logits, and the model comes back as it was, also
+    after an error inside."""
+    model = copy.deepcopy(tiny[1]).to(dtype)
+    if not can_pack(model):
+        pytest.skip(f"oneDNN cannot run {dtype} on this CPU")
+    tokens = torch.randint(0, 1000, (3, 7))
+    modules, params = (
+        list(model.modules()),
+        {k: v.data_ptr() for k, v in model.state_dict().items()},
+    )
+    with torch.inference_mode():
+        plain = model(tokens)
+        with pack_linears(model, rows=3):
+            assert sum(isinstance(m, _PackedLinear) for m in model.modules()) == 2 * 7 + 1
+            packed = model(tokens)
+        with pytest.raises(KeyError), pack_linears(model, rows=3):
+            raise KeyError("inside")
+    torch.testing.assert_close(packed, plain)
+    assert list(model.modules()) == modules and model.lm_head is None
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == params
+
+
+def test_packed_linear_with_bias_matches_f_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80)  # qwen2's q/k/v projections carry a bias
+    x = torch.randn(2, 5, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(_PackedLinear(linear.weight, linear.bias, 10)(x), linear(x))
 
 
 def test_logprob_is_the_raw_model_logprob(tiny, tok):
