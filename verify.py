@@ -47,6 +47,7 @@ import selectors
 import signal
 import string
 import sys
+import textwrap
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -110,9 +111,11 @@ def _numbers(text: str):
 
 
 def strip_code_fence(text: str) -> str:
-    """The code inside the first ```python fence of a PoT text, or the text as it is."""
+    """The code inside the first ```python fence of a PoT text, or the text as it is, dedented."""
     m = _FENCE_RE.search(text)
-    return m.group(1) if m else text
+    code = textwrap.dedent((m.group(1) if m else text).lstrip("\n"))
+    # a student's program often starts on its tag's line after a space: " x = 1\ny = 2"
+    return code.lstrip(" \t")
 
 
 def extract_answer(text: str, strategy: str | None) -> float | None:

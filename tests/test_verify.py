@@ -137,6 +137,14 @@ def test_extract_answer_pot_runs_the_program():
     assert verify.extract_answer("answer = 1 / 0", "pot") is None
 
 
+@pytest.mark.parametrize(
+    "body", [" x = 48 / 2\nanswer = x + 48", "\n\n    x = 48 / 2\n    answer = x + 48\n"]
+)
+def test_extract_answer_pot_forgives_a_leading_indent(body):
+    """After "[pot]:" a small student's program starts with a space, or is indented as a whole."""
+    assert verify.extract_answer(body, "pot") == 72.0
+
+
 def test_extract_answers_keeps_order_across_strategies():
     texts = ["Final Answer: 3", "answer = 4", "Sub-question 1: ...\nFinal Answer: 5", "oops("]
     got = verify.extract_answers(texts, ["cot", "pot", "l2m", "pot"], workers=2)
