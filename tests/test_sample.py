@@ -150,10 +150,10 @@ def test_packed_linears_match_and_put_the_model_back(tiny, dtype):
     )
     with torch.inference_mode():
         plain = model(tokens)
-        with pack_linears(model, rows=3):
+        with pack_linears(model):
             assert sum(isinstance(m, _PackedLinear) for m in model.modules()) == 2 * 7 + 1
             packed = model(tokens)
-        with pytest.raises(KeyError), pack_linears(model, rows=3):
+        with pytest.raises(KeyError), pack_linears(model):
             raise KeyError("inside")
     torch.testing.assert_close(packed, plain)
     assert list(model.modules()) == modules and model.lm_head is None
@@ -165,7 +165,7 @@ def test_packed_linear_with_bias_matches_f_linear():
     linear = torch.nn.Linear(48, 80)  # qwen2's q/k/v projections carry a bias
     x = torch.randn(2, 5, 48)
     with torch.inference_mode():
-        torch.testing.assert_close(_PackedLinear(linear.weight, linear.bias, 10)(x), linear(x))
+        torch.testing.assert_close(_PackedLinear(linear.weight, linear.bias)(x), linear(x))
 
 
 def test_logprob_is_the_raw_model_logprob(tiny, tok):
