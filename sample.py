@@ -49,6 +49,7 @@ temperature, top-k and top-p, so also defined for greedy decoding.
 """
 
 import argparse
+import os
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -139,10 +140,15 @@ def setup_caches(model, batch_size: int, max_len: int) -> list[RowKVCache]:
 
 
 def can_pack(model) -> bool:
-    """Whether pack_linears applies: a CPU model in fp32, or bf16 where oneDNN runs it natively."""
+    """Whether pack_linears applies: a CPU model in fp32, or bf16 where oneDNN runs it natively,
+    whose second copy of the weights takes at most half the free memory."""
     w = model.model.embed_tokens.weight
     if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if "SC_AVPHYS_PAGES" in os.sysconf_names:  # Linux; elsewhere assume it fits
+        if weight_bytes > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2:
+            return False
     bf16 = w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return bf16 or w.dtype == torch.float32
 

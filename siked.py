@@ -433,11 +433,12 @@ def train(model: Transformer, examples: list[Example], cfg: RunConfig, device: t
     bar = tqdm(
         range(step, total_steps), initial=step, total=total_steps, desc=desc, disable=not d.main
     )
-    losses, t_start, tokens_seen = [], time.time(), 0
+    losses, t_start, tokens_seen, perm_epoch = [], time.time(), 0, None
     for step in bar:
         epoch, k = divmod(step, steps_per_epoch)
-        perm = list(range(len(bins)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(perm)
+        if epoch != perm_epoch:  # one shuffle per epoch, the same on every rank and on resuming
+            perm, perm_epoch = list(range(len(bins))), epoch
+            random.Random(cfg.seed * 1000 + epoch).shuffle(perm)
         batch = [bins[i] for i in perm[k * cfg.batch_size :][: cfg.batch_size]]
         n_tokens = max(1, sum(n_loss(b) for b in batch))  # loss tokens in the global batch
         mine = batch[d.rank :: d.world]  # this rank's sequences

@@ -8,6 +8,7 @@ SmolLM2-135M-Instruct weights. All fp32 on CPU.
 import copy
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -158,6 +159,14 @@ def test_packed_linears_match_and_put_the_model_back(tiny, dtype):
     torch.testing.assert_close(packed, plain)
     assert list(model.modules()) == modules and model.lm_head is None
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == params
+
+
+@pytest.mark.skipif("SC_AVPHYS_PAGES" not in os.sysconf_names, reason="Linux's free-memory query")
+def test_no_packing_without_memory_for_a_second_copy(tiny, monkeypatch):
+    _, ours = tiny
+    assert can_pack(ours) == torch.backends.mkldnn.is_available()
+    monkeypatch.setattr(os, "sysconf", lambda name: 1024)  # 1,024 free pages of 1,024 bytes
+    assert not can_pack(ours)  # the tiny model's weights (~13 MB) need more than half of that
 
 
 def test_packed_linear_with_bias_matches_f_linear():
