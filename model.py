@@ -8,9 +8,9 @@ Module names follow HF's state-dict layout: checkpoints load as they are, saved 
 transformers. `python model.py --model smollm2-135m-instruct --prompt "..."` prints a greedy
 continuation (sample.py is the fast sampler). Weights come from a folder, an alias (ALIASES) or an
 HF repo id (an HF cache is reused, else urllib fetches from $HF_ENDPOINT with $HF_TOKEN into
-$SIKED_CACHE, default ~/.cache/siked). Loaded in their own dtype they stay copy-on-write maps of the
-safetensors file (gpt-fast's mmap=True): never rewrite a checkpoint in place while a model loaded
-from it lives (save_pretrained replaces whole folders by renaming).
+$SIKED_CACHE, default ~/.cache/siked). Weights are read one tensor at a time into memory of their
+own, not memory-mapped as gpt-fast does: sampling frees each one while a packed copy stands in
+(sample.pack_linears), which a view of a mapped file would not allow.
 
 Sources: karpathy/nanoGPT and pytorch-labs/gpt-fast model.py (layout, KVCache, meta-device
 loading); meta-llama/llama3 model.py (names, fp32 norms). Numerics follow transformers'
@@ -36,7 +36,6 @@ import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -350,6 +349,67 @@ def weight_files(folder: Path) -> tuple[Path, list[Path]]:
     return index, [folder / name for name in names]
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16}  # fmt: skip
+
+
+def read_safetensors(path: Path):
+    """Yield (name, shape, read) per tensor of a safetensors file; read(name, dtype, device) returns
+    it in memory of its own (read, not mapped: sample.pack_linears frees weights while packed)."""
+    bad = lambda why: ValueError(f"{path}: not a valid safetensors file ({why})")
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= size - 8:
+            raise bad(f"header length {n} in a file of {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            entries = {k: _entry(e) for k, e in header.items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise bad(f"header: {type(e).__name__} {e}") from None
+
+        scratch = None  # conversions read the file here: no heap hole left per tensor
+
+        def read(key, dtype, device):
+            nonlocal scratch
+            src, shape, begin, end = entries[key]
+            if src not in SAFETENSORS_DTYPES:
+                raise bad(
+                    f"{key!r} has dtype {src}; expected one of {', '.join(SAFETENSORS_DTYPES)}"
+                )
+            src = SAFETENSORS_DTYPES[src]
+            nbytes = math.prod(shape) * src.itemsize
+            if begin < 0 or end - begin != nbytes or 8 + n + end > size:
+                raise bad(
+                    f"{key!r} has data_offsets {[begin, end]} for shape {shape} ({size} bytes)"
+                )
+            direct = src == dtype and torch.device(device).type == "cpu"
+            if direct:
+                buf = torch.empty(shape, dtype=dtype)
+            else:
+                if scratch is None:
+                    scratch = torch.empty(
+                        max(e - b for _, _, b, e in entries.values()), dtype=torch.uint8
+                    )
+                buf = scratch[:nbytes].view(src).view(shape)
+            f.seek(8 + n + begin)
+            f.readinto(buf.view(-1).view(torch.uint8).numpy())
+            return buf if direct else buf.to(device=device, dtype=dtype)
+
+        for key in entries:
+            yield key, entries[key][1], read
+
+
+def _entry(e: dict) -> tuple:
+    begin, end = map(int, e["data_offsets"])
+    shape = tuple(map(int, e["shape"]))
+    if min(shape, default=0) < 0:
+        raise ValueError(f"shape {list(shape)}")
+    return e["dtype"], shape, begin, end
+
+
 def load_weights(folder: Path, expected: dict, device, dtype) -> dict:
     """Every tensor `expected` (name -> meta tensor) names, shape-checked, as dtype on device."""
     source, files = weight_files(folder)
@@ -361,21 +421,15 @@ def load_weights(folder: Path, expected: dict, device, dtype) -> dict:
     ignored = re.compile(r"lm_head\.weight|.*rotary_emb\.inv_freq")
     state = {}
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key not in expected and ignored.fullmatch(key):
-                        continue
-                    if key not in expected:
-                        raise ValueError(f"{path}: unexpected tensor {key!r} (not in the model)")
-                    shape, want = tuple(f.get_slice(key).get_shape()), tuple(expected[key].shape)
-                    if shape != want:
-                        raise ValueError(f"{path}: tensor {key!r} has shape {shape}, not {want}")
-                    # one tensor at a time; same dtype on CPU: a view of the mapped file, no copy
-                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
-        except SafetensorError as e:
-            reason = " ".join(str(e).split())
-            raise ValueError(f"{path}: not a valid safetensors file ({reason})") from None
+        for key, shape, read in read_safetensors(path):
+            if key not in expected and ignored.fullmatch(key):
+                continue
+            if key not in expected:
+                raise ValueError(f"{path}: unexpected tensor {key!r} (not in the model)")
+            shape, want = tuple(shape), tuple(expected[key].shape)
+            if shape != want:
+                raise ValueError(f"{path}: tensor {key!r} has shape {shape}, not {want}")
+            state[key] = read(key, dtype, device)
     if missing := [k for k in expected if k not in state]:
         key, shape = missing[0], tuple(expected[missing[0]].shape)
         raise ValueError(

@@ -472,6 +472,8 @@ def test_bad_safetensors(tmp_path):
     one_line_error(load, str(path), "not a valid safetensors file")
     path.write_bytes(b"\xff" * 64)
     one_line_error(load, str(path), "not a valid safetensors file")
+    path.write_bytes((2).to_bytes(8, "little") + b"[]")
+    one_line_error(load, str(path), "not a valid safetensors file", "header")
 
     key = "model.layers.1.mlp.up_proj.weight"
     save_file({k: v for k, v in state.items() if k != key}, str(path))
@@ -480,6 +482,8 @@ def test_bad_safetensors(tmp_path):
     one_line_error(load, str(path), key, "(48, 31)", "(48, 32)")
     save_file({**state, "model.extra.weight": torch.zeros(2)}, str(path))
     one_line_error(load, str(path), "model.extra.weight")
+    save_file({**state, key: torch.zeros(48, 32, dtype=torch.int64)}, str(path))
+    one_line_error(load, str(path), key, "dtype I64")
 
 
 def test_sharded_checkpoint(tmp_path):
