@@ -41,8 +41,10 @@ Design, and why:
    but the static length costs more than it saves.
 8. CPU: every linear layer runs from weights oneDNN reordered once per call (pack_linears), not on
    every matmul as F.linear does: 1.3x (bf16) to 2x (fp32) faster decode matmuls on SmolLM2-135M,
-   bf16 logits bit-identical, fp32 within rounding, for one more copy of the weights while
-   sampling. Prompts prefill in order of length, so a prefill chunk holds little padding.
+   bf16 logits bit-identical, fp32 within rounding. Each dense weight is freed while its packed
+   copy stands in and rebuilt from it after (exactly: oneDNN's reorder back), so packing costs one
+   layer at a time plus, for a tied head, its copy. Prompts prefill in order of length, so a
+   prefill chunk holds little padding.
 
 `Completion.logprob` sums log softmax of the raw fp32 logits over the generated tokens (eos and
 tokens past a stop string included): the model's own probability of the text, before
@@ -50,7 +52,7 @@ temperature, top-k and top-p, so also defined for greedy decoding.
 """
 
 import argparse
-import os
+import ctypes
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -141,15 +143,10 @@ def setup_caches(model, batch_size: int, max_len: int) -> list[RowKVCache]:
 
 
 def can_pack(model) -> bool:
-    """Whether pack_linears applies: a CPU model in fp32, or bf16 where oneDNN runs it natively,
-    whose second copy of the weights takes at most half the free memory."""
+    """Whether pack_linears applies: a CPU model in fp32, or bf16 where oneDNN runs it natively."""
     w = model.model.embed_tokens.weight
     if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if "SC_AVPHYS_PAGES" in os.sysconf_names:  # Linux; elsewhere assume it fits
-        if weight_bytes > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2:
-            return False
     bf16 = w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return bf16 or w.dtype == torch.float32
 
@@ -167,27 +164,40 @@ class _PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise.default(x, self.weight, self.bias, "none", [], "")
 
 
+try:  # glibc: hand the free pages inside the heap back to the OS
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+except (AttributeError, OSError, TypeError):  # other C libraries: a no-op
+    _malloc_trim = lambda pad: 0  # noqa: E731
+
+
 @contextmanager
 def pack_linears(model):
     """Run every linear layer (and a tied output head) from oneDNN-prepacked weights inside the
-    block, then put the original modules back (design point 8: why, and what it costs)."""
-    swapped = []
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, _PackedLinear(child.weight, child.bias))
-                swapped.append((module, name, child))
-    tied = model.lm_head is None
-    if tied:
-        model.lm_head = _PackedLinear(model.model.embed_tokens.weight, None)
+    block; each dense weight is freed meanwhile and rebuilt exactly after (design point 8)."""
+    swapped, tied = [], model.lm_head is None
+    # normal tensors, not inference ones, even under generate's inference_mode: training may follow
     try:
+        with torch.inference_mode(False), torch.no_grad():
+            for module in list(model.modules()):
+                linears = [(n, c) for n, c in module.named_children() if isinstance(c, nn.Linear)]
+                for name, child in linears:
+                    setattr(module, name, _PackedLinear(child.weight, child.bias))
+                    swapped.append((module, name, child))
+                    child.weight.data = child.weight.new_empty(0)  # same Parameter, no memory
+                if linears:  # else the freed weights stay resident as holes in the heap
+                    _malloc_trim(0)
+            if tied:  # the embedding stays dense: the head is one extra copy
+                model.lm_head = _PackedLinear(model.model.embed_tokens.weight, None)
         yield
     finally:
-        for module, name, child in swapped:
-            setattr(module, name, child)
-        if tied:
+        if tied:  # first: its memory then serves the weights rebuilt below
             del model.lm_head
             model.lm_head = None
+        with torch.inference_mode(False), torch.no_grad():
+            for module, name, child in swapped:
+                child.weight.data = getattr(module, name).weight.to_dense()  # the original bytes
+                setattr(module, name, child)
+        _malloc_trim(0)
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> tuple[Tensor, Tensor]:
