@@ -459,12 +459,28 @@ def test_bad_folders_and_names(tmp_path):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_are_read_into_their_own_memory(tmp_path, dtype):
+    """Same values as safetensors' reader, each tensor in a storage of its own (sample.py frees
+    them one by one while packed), and none of it a view of the file."""
+    make_hf("llama", tmp_path)
+    path = tmp_path / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        want = {k: f.get_tensor(k).to(dtype).clone() for k in f.keys()}  # theirs are views
+    ours = M.Transformer.from_pretrained(tmp_path, dtype=dtype)
+    path.write_bytes(bytes(path.stat().st_size))  # a mapped view would now read zeros
+    state = ours.state_dict()
+    assert state.keys() <= want.keys() and all(torch.equal(state[k], want[k]) for k in state)
+    for p in ours.parameters():
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+
+
 def test_bad_safetensors(tmp_path):
     make_hf("llama", tmp_path)
     path = tmp_path / "model.safetensors"
     good = path.read_bytes()
     with safe_open(str(path), "pt") as f:
-        # clones: the loaded tensors map the file, which is rewritten below
+        # clones: safetensors' tensors map the file, which is rewritten below
         state = {k: f.get_tensor(k).clone() for k in f.keys()}
     load = lambda: M.Transformer.from_pretrained(tmp_path)
 
