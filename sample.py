@@ -181,8 +181,9 @@ def pack_linears(model):
             for module in list(model.modules()):
                 linears = [(n, c) for n, c in module.named_children() if isinstance(c, nn.Linear)]
                 for name, child in linears:
-                    setattr(module, name, _PackedLinear(child.weight, child.bias))
-                    swapped.append((module, name, child))
+                    packed = _PackedLinear(child.weight, child.bias)
+                    swapped.append((module, name, child, packed))  # before any change: Ctrl-C
+                    setattr(module, name, packed)
                     child.weight.data = child.weight.new_empty(0)  # same Parameter, no memory
                 if linears:  # else the freed weights stay resident as holes in the heap
                     _malloc_trim(0)
@@ -194,8 +195,8 @@ def pack_linears(model):
             del model.lm_head
             model.lm_head = None
         with torch.inference_mode(False), torch.no_grad():
-            for module, name, child in swapped:
-                child.weight.data = getattr(module, name).weight.to_dense()  # the original bytes
+            for module, name, child, packed in swapped:
+                child.weight.data = packed.weight.to_dense()  # the original bytes
                 setattr(module, name, child)
         _malloc_trim(0)
 

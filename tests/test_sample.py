@@ -164,6 +164,30 @@ def test_packed_linears_match_and_put_the_model_back(tiny, dtype):
     assert all(p.grad is not None for p in params)
 
 
+def test_an_interrupt_while_packing_leaves_the_model_whole(tiny, monkeypatch):
+    import sample
+
+    model = copy.deepcopy(tiny[1])
+    if not can_pack(model):
+        pytest.skip("oneDNN cannot run fp32 on this CPU")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    made = []
+
+    class Interrupted(_PackedLinear):
+        def __init__(self, weight, bias):
+            if len(made) == 5:  # Ctrl-C inside the sixth layer's reorder
+                raise KeyboardInterrupt
+            super().__init__(weight, bias)
+            made.append(self)
+
+    monkeypatch.setattr(sample, "_PackedLinear", Interrupted)
+    with pytest.raises(KeyboardInterrupt), torch.inference_mode(), pack_linears(model):
+        pass
+    assert len(made) == 5 and not any(isinstance(m, _PackedLinear) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_packed_linear_with_bias_matches_f_linear():
     torch.manual_seed(0)
     linear = torch.nn.Linear(48, 80)  # qwen2's q/k/v projections carry a bias
