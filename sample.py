@@ -195,9 +195,11 @@ def pack_linears(model):
             del model.lm_head
             model.lm_head = None
         with torch.inference_mode(False), torch.no_grad():
-            for module, name, child, packed in swapped:
+            while swapped:  # popped: each packed weight is freed as soon as it is unpacked
+                module, name, child, packed = swapped.pop()
                 child.weight.data = packed.weight.to_dense()  # the original bytes
                 setattr(module, name, child)
+                del packed
         _malloc_trim(0)
 
 
