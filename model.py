@@ -426,7 +426,7 @@ def load_weights(folder: Path, expected: dict, device, dtype) -> dict:
                 continue
             if key not in expected:
                 raise ValueError(f"{path}: unexpected tensor {key!r} (not in the model)")
-            shape, want = tuple(shape), tuple(expected[key].shape)
+            want = tuple(expected[key].shape)
             if shape != want:
                 raise ValueError(f"{path}: tensor {key!r} has shape {shape}, not {want}")
             state[key] = read(key, dtype, device)
