@@ -1,7 +1,7 @@
 """Benchmark sample.generate against transformers' generate and vLLM's CPU build (not a unit test).
 
     python tests/bench/bench_sample.py [--model DIR] [--quick] [--new-tokens 128] [--threads 1]
-        [--cases greedy,siked,vllm]
+        [--cases greedy,siked,vllm] [--reps 3]
 
 Same model (default: the SmolLM2-135M-Instruct fixture), same prompt token ids (GSM8K test questions
 in the chat template), same batch size, greedy, a fixed number of new tokens (eos ignored on every
@@ -17,7 +17,9 @@ Each measurement runs in a fresh subprocess: tokens/s counts generated tokens ov
 the generate call (prefill included, after one short warm-up call), and peak memory is the process's
 VmHWM (peak resident set, /proc/self/status) during that call, reset after loading the model by
 writing 5 to /proc/self/clear_refs, so it counts weights + cache + activations but not the load.
-Run on an idle machine where possible: other jobs on 2 cores move every number.
+Each case runs ours and the peer alternately, --reps times, and prints the medians: tokens/s of
+each side, and the ratios of each back-to-back pair (on a shared 2-core VM one measurement moves by
+10-20%, and a pair shares most of what moved it). Run on an idle machine where possible.
 """
 
 import argparse
@@ -240,7 +242,16 @@ def measure(a: dict) -> dict:
     raise RuntimeError(f"worker {a['who']} failed: {proc.stderr.strip()[-2000:]}")
 
 
+def measure_hf(a: dict) -> dict:
+    return measure(dict(a, who="hf"))
+
+
 # ----------------------------------------------------------------------------- main
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
 def main(
@@ -249,18 +260,33 @@ def main(
     new_tokens: int = 128,
     threads: int = 0,
     cases: tuple[str, ...] = ("greedy", "siked", "vllm"),
+    reps: int = 3,
 ) -> list[dict]:
     new = 32 if quick else new_tokens
     batches = (1, 16) if quick else (1, 16, 64)
     rows = []
 
-    def line(name: str, ours: dict, peer: dict, peer_name: str) -> None:
-        ratio = ours["tok_s"] / peer["tok_s"]
-        mem = ours["peak_mib"] / peer["peak_mib"]
+    def pairs(a: dict, peer, earlier: list[dict] = ()) -> list[tuple[dict, dict]]:
+        """reps back-to-back (ours, peer(a)) runs, ours taken from `earlier` while it lasts; a
+        failed peer run (None) is dropped."""
+        out = []
+        for i in range(reps):
+            ours = earlier[i] if i < len(earlier) else measure(dict(a, who="ours"))
+            out.append((ours, peer(a)))
+        return [(o, p) for o, p in out if p is not None]
+
+    def line(name: str, measured: list[tuple[dict, dict]], peer_name: str) -> None:
+        if not measured:
+            return
+        ours, peer = ({k: median([m[i][k] for m in measured]) for k in ("tok_s", "peak_mib")}
+                      for i in (0, 1))  # fmt: skip
+        ratio = median([o["tok_s"] / p["tok_s"] for o, p in measured])
+        mem = median([o["peak_mib"] / p["peak_mib"] for o, p in measured])
+        spread = [round(o["tok_s"] / p["tok_s"], 2) for o, p in measured]
         print(
             f"{name:<28} ours {ours['tok_s']:7.1f} tok/s {ours['peak_mib']:7.0f} MiB | "
             f"{peer_name} {peer['tok_s']:7.1f} tok/s {peer['peak_mib']:7.0f} MiB | "
-            f"speed x{ratio:.2f}  memory x{mem:.2f}",
+            f"speed x{ratio:.2f} {spread}  memory x{mem:.2f}",
             flush=True,
         )
         rows.append(
@@ -270,11 +296,16 @@ def main(
                 "ours": ours,
                 "theirs": peer,
                 "speed_ratio": ratio,
+                "speed_ratios": spread,
                 "memory_ratio": mem,
+                "pairs": measured,
             }
         )
 
-    print(f"model {model}; {new} new tokens; {os.cpu_count()} CPUs; threads {threads or 'default'}")
+    print(
+        f"model {model}; {new} new tokens; {os.cpu_count()} CPUs; threads {threads or 'default'}; "
+        f"medians of {reps} alternating runs"
+    )
     ours_bf16 = {}
     for dtype in ("float32", "bfloat16") if "greedy" in cases else ():
         for b in batches:
@@ -286,11 +317,10 @@ def main(
                 "new": new,
                 "threads": threads,
             }
-            ours = measure(dict(a, who="ours"))
-            hf = measure(dict(a, who="hf"))
-            line(f"greedy {dtype} batch {b}", ours, hf, "transformers")
+            measured = pairs(a, measure_hf)
+            line(f"greedy {dtype} batch {b}", measured, "transformers")
             if dtype == "bfloat16":
-                ours_bf16[b] = ours
+                ours_bf16[b] = [o for o, _ in measured]
 
     if "siked" in cases:
         n_q, n = (2, 10) if quick else (8, 10)
@@ -304,12 +334,8 @@ def main(
             "batch_size": 60,
             "threads": threads,
         }
-        line(
-            f"SIKeD {n_q}q x 3 tags x n={n} bf16",
-            measure(dict(a, who="ours")),
-            measure(dict(a, who="hf")),
-            "transformers",
-        )
+        measured = pairs(a, measure_hf)
+        line(f"SIKeD {n_q}q x 3 tags x n={n} bf16", measured, "transformers")
 
     if "vllm" not in cases:
         return rows
@@ -317,11 +343,10 @@ def main(
         print(f"vLLM: no venv at {VLLM_VENV}; skipped")
         return rows
     for b in batches[1:]:
-        a = {"model": model, "dtype": "bfloat16", "questions": questions(b), "new": new}
-        ours = ours_bf16.get(b) or measure(dict(a, kind="greedy", threads=threads, who="ours"))
-        theirs = run_vllm(dict(a, threads=threads))
-        if theirs is not None:
-            line(f"greedy bfloat16 batch {b}", ours, theirs, "vLLM")
+        a = {"model": model, "dtype": "bfloat16", "kind": "greedy", "questions": questions(b),
+             "new": new, "threads": threads}  # fmt: skip
+        measured = pairs(a, run_vllm, ours_bf16.get(b, []))  # ours: the greedy runs' figures
+        line(f"greedy bfloat16 batch {b}", measured, "vLLM")
     return rows
 
 
@@ -338,6 +363,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--cases", default="greedy,siked,vllm", help="comma-separated subset of greedy,siked,vllm"
     )
+    parser.add_argument(
+        "--reps", type=int, default=3, help="alternating (ours, peer) runs per case; medians"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -347,4 +375,7 @@ if __name__ == "__main__":
         import build_fixture
 
         folder = args.model or str(build_fixture.build(build_fixture.default_dir()))
-        main(folder, args.quick, args.new_tokens, args.threads, tuple(args.cases.split(",")))
+        if args.reps < 1:
+            parser.error(f"--reps {args.reps}; expected >= 1")
+        cases = tuple(args.cases.split(","))
+        main(folder, args.quick, args.new_tokens, args.threads, cases, args.reps)
