@@ -40,11 +40,12 @@ Design, and why:
    compacted. Written for CUDA, not measured on these CPU machines; on CPU it works (inductor)
    but the static length costs more than it saves.
 8. CPU: every linear layer runs from weights oneDNN reordered once per call (pack_linears), not on
-   every matmul as F.linear does: 1.3x (bf16) to 2x (fp32) faster decode matmuls on SmolLM2-135M,
-   bf16 logits bit-identical, fp32 within rounding. Each dense weight is freed while its packed
-   copy stands in and rebuilt from it after (exactly: oneDNN's reorder back), so packing costs one
-   layer at a time plus, for a tied head, its copy. Prompts prefill in order of length, so a
-   prefill chunk holds little padding.
+   every matmul as F.linear does in bf16: 1.3x (bf16) to 2x (fp32) faster decode matmuls on
+   SmolLM2-135M on an AMD EPYC (on an Intel Xeon, where fp32 F.linear is MKL's sgemm, fp32 gains
+   ~10% at 16 rows and loses at 1: README), bf16 logits bit-identical, fp32 within rounding.
+   Each dense weight is freed while its packed copy stands in and rebuilt from it after (exactly:
+   oneDNN's reorder back), so packing costs one layer at a time plus, for a tied head, its copy.
+   Prompts prefill in order of length, so a prefill chunk holds little padding.
 
 `Completion.logprob` sums log softmax of the raw fp32 logits over the generated tokens (eos and
 tokens past a stop string included): the model's own probability of the text, before
