@@ -7,10 +7,7 @@
 Module names follow HF's state-dict layout: checkpoints load as they are, saved ones load in
 transformers. `python model.py --model smollm2-135m-instruct --prompt "..."` prints a greedy
 continuation (sample.py is the fast sampler). Weights come from a folder, an alias (ALIASES) or an
-HF repo id (an HF cache is reused, else urllib fetches from $HF_ENDPOINT with $HF_TOKEN into
-$SIKED_CACHE, default ~/.cache/siked). Weights are read one tensor at a time into memory of their
-own, not memory-mapped as gpt-fast does: sampling frees each one while a packed copy stands in
-(sample.pack_linears), which a view of a mapped file would not allow.
+HF repo id (resolve_checkpoint); they are read, not memory-mapped as in gpt-fast (read_safetensors).
 
 Sources: karpathy/nanoGPT and pytorch-labs/gpt-fast model.py (layout, KVCache, meta-device
 loading); meta-llama/llama3 model.py (names, fp32 norms). Numerics follow transformers'
@@ -131,10 +128,8 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """RoPE inverse frequencies, (head_dim // 2,) in fp32, with llama3 scaling when configured."""
-    hd = config.head_dim
-    exponents = torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd
-    inv_freq = 1.0 / config.rope_theta**exponents
-    s = config.rope_scaling
+    hd, s = config.head_dim, config.rope_scaling
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, device="cpu").float() / hd)
     if s is None:
         return inv_freq
     # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between
@@ -176,9 +171,8 @@ class Attention(nn.Module):
             k, v = kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, hd)
         gqa = self.n_kv_heads != self.n_heads
         if T == 1 and gqa and mask is not None:
-            # Decoding: the n_heads / n_kv_heads query heads sharing a kv head become that head's
-            # query rows (heads are grouped consecutively), one plain SDPA call with a (B,1,1,S)
-            # mask; ~2x faster on CPU in bf16 than enable_gqa, which loops over heads.
+            # Decoding: the query heads sharing a kv head (consecutive) become its query rows, one
+            # SDPA call (mask (B, 1, 1, S)); ~2x faster on CPU in bf16 than enable_gqa's head loop
             q = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, hd)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             y = y.reshape(B, self.n_heads, 1, hd)
@@ -223,8 +217,7 @@ class Block(nn.Module):
 class KVCache:
     """One layer's keys and values: (B, n_kv_heads, max_len, head_dim) buffers; slot = position."""
 
-    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
+    def __init__(self, shape: tuple, dtype, device):
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -251,7 +244,6 @@ class Transformer(nn.Module):
         self.model.embed_tokens = embed
         self.model.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.model.norm = RMSNorm(D, config.norm_eps, unit_offset=config.family == "gemma")
-        # tied: the output projection is the embedding matrix and no lm_head.weight is stored
         self.lm_head = None if config.tie_embeddings else nn.Linear(D, V, bias=False)
         inv_freq = rope_inv_freq(config).to(embed.weight.device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -262,10 +254,10 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
         return self
 
-    def setup_kv_cache(self, batch_size, max_len, dtype=None, device=None) -> list[KVCache]:
+    def setup_kv_cache(self, batch_size: int, max_len: int) -> list[KVCache]:
         w, c = self.model.embed_tokens.weight, self.config
-        args = (batch_size, max_len, c.n_kv_heads, c.head_dim, dtype or w.dtype, device or w.device)
-        return [KVCache(*args) for _ in range(c.n_layers)]
+        shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
+        return [KVCache(shape, w.dtype, w.device) for _ in range(c.n_layers)]
 
     def forward(self, tokens, input_pos=None, mask=None, kv_cache=None, last_only=False):
         """tokens (B, T) -> float32 logits (B, T, vocab), or (B, 1, vocab) when last_only.
@@ -292,7 +284,7 @@ class Transformer(nn.Module):
             x = x[:, -1:]  # (B, 1, dim)
         x = self.model.norm(x)
         if self.lm_head is None:
-            return F.linear(x, self.model.embed_tokens.weight).float()  # (B, T, vocab)
+            return F.linear(x, self.model.embed_tokens.weight).float()  # tied: (B, T, vocab)
         return self.lm_head(x).float()
 
     @classmethod
@@ -357,9 +349,8 @@ def read_safetensors(path: Path):
     """Yield (name, shape, read) per tensor of a safetensors file; read(name, dtype, device) returns
     it in memory of its own (read, not mapped: sample.pack_linears frees weights while packed)."""
     bad = lambda why: ValueError(f"{path}: not a valid safetensors file ({why})")
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(0)
         n = int.from_bytes(f.read(8), "little")
         if not 2 <= n <= size - 8:
             raise bad(f"header length {n} in a file of {size} bytes")
@@ -367,47 +358,37 @@ def read_safetensors(path: Path):
             header = json.loads(f.read(n))
             header.pop("__metadata__", None)
             entries = {k: _entry(e) for k, e in header.items()}
+            largest = max((end - begin for _, _, begin, end in entries.values()), default=0)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise bad(f"header: {type(e).__name__} {e}") from None
-
         scratch = None  # conversions read the file here: no heap hole left per tensor
 
         def read(key, dtype, device):
             nonlocal scratch
             src, shape, begin, end = entries[key]
             if src not in SAFETENSORS_DTYPES:
-                raise bad(
-                    f"{key!r} has dtype {src}; expected one of {', '.join(SAFETENSORS_DTYPES)}"
-                )
+                raise bad(f"{key!r} has dtype {src}, not one of {', '.join(SAFETENSORS_DTYPES)}")
             src = SAFETENSORS_DTYPES[src]
             nbytes = math.prod(shape) * src.itemsize
             if begin < 0 or end - begin != nbytes or 8 + n + end > size:
-                raise bad(
-                    f"{key!r} has data_offsets {[begin, end]} for shape {shape} ({size} bytes)"
-                )
+                raise bad(f"{key!r} has data_offsets {[begin, end]}, shape {shape}; {size} bytes")
             direct = src == dtype and torch.device(device).type == "cpu"
             if direct:
                 buf = torch.empty(shape, dtype=dtype)
             else:
-                if scratch is None:
-                    scratch = torch.empty(
-                        max(e - b for _, _, b, e in entries.values()), dtype=torch.uint8
-                    )
+                scratch = torch.empty(largest, dtype=torch.uint8) if scratch is None else scratch
                 buf = scratch[:nbytes].view(src).view(shape)
             f.seek(8 + n + begin)
             f.readinto(buf.view(-1).view(torch.uint8).numpy())
             return buf if direct else buf.to(device=device, dtype=dtype)
 
-        for key in entries:
-            yield key, entries[key][1], read
+        for key, (_, shape, _, _) in entries.items():
+            yield key, shape, read
 
 
 def _entry(e: dict) -> tuple:
     begin, end = map(int, e["data_offsets"])
-    shape = tuple(map(int, e["shape"]))
-    if min(shape, default=0) < 0:
-        raise ValueError(f"shape {list(shape)}")
-    return e["dtype"], shape, begin, end
+    return e["dtype"], tuple(map(int, e["shape"])), begin, end
 
 
 def load_weights(folder: Path, expected: dict, device, dtype) -> dict:
@@ -432,19 +413,12 @@ def load_weights(folder: Path, expected: dict, device, dtype) -> dict:
             state[key] = read(key, dtype, device)
     if missing := [k for k in expected if k not in state]:
         key, shape = missing[0], tuple(expected[missing[0]].shape)
-        raise ValueError(
-            f"{source}: missing tensor {key!r} of shape {shape} ({len(missing)} in all)"
-        )
+        raise ValueError(f"{source}: missing tensor {key!r}, shape {shape} ({len(missing)} in all)")
     return state
 
 
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 OPTIONAL_FILES = ("special_tokens_map.json", "generation_config.json", "chat_template.jinja")
-
-
-def _complete(folder: Path, weights: bool) -> bool:
-    files = [folder / f for f in REQUIRED_FILES] + (weight_files(folder)[1] if weights else [])
-    return all(f.is_file() for f in files)
 
 
 def resolve_checkpoint(name_or_path, *, weights: bool = True) -> Path:
@@ -464,13 +438,14 @@ def resolve_checkpoint(name_or_path, *, weights: bool = True) -> Path:
     slug = repo.replace("/", "--")
     hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     cached = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub") / f"models--{slug}"
-    if (cached / "refs" / "main").is_file():
-        snapshot = cached / "snapshots" / (cached / "refs" / "main").read_text().strip()
-        if _complete(snapshot, weights):
-            return snapshot
     dest = Path(os.environ.get("SIKED_CACHE") or Path.home() / ".cache" / "siked") / slug
-    if _complete(dest, weights):
-        return dest
+    folders = [dest]
+    if (cached / "refs" / "main").is_file():  # an HF cache snapshot comes first
+        folders.insert(0, cached / "snapshots" / (cached / "refs" / "main").read_text().strip())
+    for folder in folders:
+        files = [folder / f for f in REQUIRED_FILES] + (weight_files(folder)[1] if weights else [])
+        if all(f.is_file() for f in files):
+            return folder
     # config first (a gated repo fails fast), weights last (their presence marks a full folder)
     for name in ("config.json", *OPTIONAL_FILES, *REQUIRED_FILES[1:]):
         download(repo, name, dest, optional=name in OPTIONAL_FILES)
@@ -549,19 +524,15 @@ def _ids(x) -> list:  # config ids are a number, a list or null
 
 class Tokenizer:
     """tokenizers.Tokenizer plus the checkpoint's special ids and its chat format, written by hand.
-    encode(text, bos=tok.add_bos) matches transformers' tokenizer(text); special tokens written in
-    the text (as chat() writes them) become their ids."""
-
-    FILES = ("tokenizer.json", "tokenizer_config.json", *OPTIONAL_FILES)
+    encode(text, bos=tok.add_bos) equals transformers' tokenizer(text), special tokens included."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         if not (self.folder / "tokenizer.json").is_file():
             raise ValueError(f"{self.folder}: no tokenizer.json")
         self.tok = tokenizers.Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-        tc = _read_json(self.folder / "tokenizer_config.json")
-        cfg = _read_json(self.folder / "config.json")
-        gen = _read_json(self.folder / "generation_config.json")
+        names = ("tokenizer_config.json", "config.json", "generation_config.json")
+        tc, cfg, gen = (_read_json(self.folder / name) for name in names)
 
         def special_id(kind: str) -> int | None:  # tokenizer_config first, then the configs
             tok = tc.get(f"{kind}_token")
@@ -572,8 +543,7 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = map(special_id, ("bos", "eos", "pad"))
         if self.pad_id is None:  # padded positions are masked out: any id will do
             self.pad_id = self.eos_id
-        # does transformers' tokenizer(text) prepend bos? add_bos_token if given, else the
-        # tokenizer.json post-processor decides
+        # as transformers' tokenizer(text): add_bos_token if given, else tokenizer.json decides
         adds_bos = self.tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
         self.add_bos = bool(tc.get("add_bos_token", adds_bos)) and self.bos_id is not None
         turn_ends = [self.tok.token_to_id(t) for t in ("<|im_end|>", "<end_of_turn>")]
@@ -605,8 +575,8 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The text of transformers' apply_chat_template (Gemma's starts with <bos>: encode it
-        with bos=False)."""
+        """The text of transformers' apply_chat_template, or role-labelled paragraphs for a base
+        model without a template (Gemma's starts with <bos>: encode it with bos=False)."""
         if self.chat_format == "chatml":
             if self.default_system is not None and messages and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self.default_system}, *messages]
@@ -623,13 +593,12 @@ class Tokenizer:
                 role = "model" if m["role"] == "assistant" else "user"
                 text += f"<start_of_turn>{role}\n{m['content'].strip()}<end_of_turn>\n"
             return text + ("<start_of_turn>model\n" if add_generation_prompt else "")
-        # a base model without a chat template: plain role-labelled paragraphs
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)
         return text + ("Assistant:" if add_generation_prompt else "")
 
     def save_pretrained(self, folder) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        for name in self.FILES:
+        for name in ("tokenizer.json", "tokenizer_config.json", *OPTIONAL_FILES):
             if (self.folder / name).is_file():
                 shutil.copyfile(self.folder / name, Path(folder) / name)
 

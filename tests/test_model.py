@@ -500,6 +500,9 @@ def test_bad_safetensors(tmp_path):
     one_line_error(load, str(path), "model.extra.weight")
     save_file({**state, key: torch.zeros(48, 32, dtype=torch.int64)}, str(path))
     one_line_error(load, str(path), key, "dtype I64")
+    header = json.dumps({key: {"dtype": "F32", "shape": [-48, 32], "data_offsets": [0, 0]}})
+    path.write_bytes(len(header).to_bytes(8, "little") + header.encode())
+    one_line_error(load, str(path), key, "(-48, 32)", "(48, 32)")
 
 
 def test_sharded_checkpoint(tmp_path):
