@@ -4,7 +4,6 @@ Strategies (SPEC 1.1): chain of thought `cot`, least-to-most `l2m` (sub-question
 of thought `pot`. A student's response is the strategy's tag (`[cot]: `) then the body: CoT and L2M
 bodies end with `Final Answer: <number>`, a PoT body is a program that sets `answer`.
 
-    from strategies import student_prompt, forced_prompt, parse_solution, gold_pot
     student_prompt(question)            # the model writes the tag itself
     forced_prompt(question, "pot")      # the tag is already written (SIKeD's per-strategy sampling)
     parse_solution("[pot]: answer = 3") # ("pot", "answer = 3")
@@ -13,11 +12,7 @@ Prompts use SPEC 1.2's Alpaca layout in our own wording. Departure from [R]: the
 baselines' instruction names the strategy and its answer format, not only "solve the problem".
 Teacher prompts are 8-shot chats on GSM8K train exemplars (TEACHER_EXEMPLAR_IDS, never evaluated
 on) with L2M solutions written for this project (GSM8K's train_socratic file is not available).
-
-Gold converters turn a GSM8K rationale (annotations `<<48/2=24>>`, ending `#### 72`) into bodies:
-`gold_cot` drops the annotations, `gold_l2m` reads a socratic rationale (`Sub-question? ** step`
-lines), `gold_pot` compiles the arithmetic into a program, one named variable per step, that must
-compute the gold answer rather than copy it (`gold_pot_explain` says why a rationale failed).
+The gold converters turn a GSM8K rationale (annotations `<<48/2=24>>`, `#### 72`) into bodies.
 """
 
 import ast
@@ -67,10 +62,6 @@ STRATEGIES = {
 # Student sampling stops at the start of another Alpaca section (SPEC 1.4.1 stops at "Input").
 STOP = ("### Input", "### Instruction", "### Response")
 
-_PREAMBLE = (
-    "Read the instruction and the input that goes with it, then write a response that does "
-    "what the instruction asks."
-)
 _MULTI_INSTRUCTION = (
     "Solve the math word problem. Begin your response with the tag of the strategy you choose: "
     "[cot] to reason step by step, [l2m] to split it into sub-questions, or [pot] to write a "
@@ -92,7 +83,8 @@ def _question(question: str) -> str:
 
 def _alpaca(instruction: str, question: str) -> str:
     return (
-        f"{_PREAMBLE}\n\n### Instruction:\n{instruction}\n\n"
+        "Read the instruction and the input that goes with it, then write a response that does "
+        f"what the instruction asks.\n\n### Instruction:\n{instruction}\n\n"
         f"### Input:\n{_question(question)}\n\n### Response:\n"
     )
 
@@ -144,18 +136,15 @@ def training_example(question: str, strategy: str, body: str, tagged: bool = Tru
 
 _ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
 _GOLD_RE = re.compile(r"####\s*(\S+)")
-_PLAIN_NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
-_TEXT_NUM = r"\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?|\$?\.\d+%?"
-_TEXT_OP = r"[-+*/x×÷–−]"
+_NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # 1,200 or 1200.5
+_PLAIN_NUMBER_RE = re.compile(rf"-?{_NUM}|-?\.\d+")
 _UNIT = r"(?:\s?(?!x\b)[a-zA-Z]+){0,2}"  # `600 points + 250 points`, `8km / 4hrs`
-_OPERAND = rf"(?:\(\s*)*(?:{_TEXT_NUM}){_UNIT}\s*\)*"
-_JOIN = rf"(?:\s*{_TEXT_OP}\s*|\s*(?=\())"  # an operator, or `14(2)`: a product
-# `3 x $4 + 2 = 14`: two or more numbers joined by operators, then `=` and a number.
-_EQUATION_RE = re.compile(
-    rf"(?<![\w.$])({_OPERAND}(?:{_JOIN}{_OPERAND})+)\s*=\s*\$?\s?"
-    rf"(-?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?)(?![\d/])"
-)
-_EXPR_TAIL_RE = re.compile(rf"({_OPERAND}(?:{_JOIN}{_OPERAND})+)\s*=\s*\$?\s?$")
+_OPERAND = rf"(?:\(\s*)*(?:\$?\s?{_NUM}%?|\$?\.\d+%?){_UNIT}\s*\)*"
+_JOIN = r"(?:\s*[-+*/x×÷–−]\s*|\s*(?=\())"  # an operator, or `14(2)`: a product
+_EXPR = rf"{_OPERAND}(?:{_JOIN}{_OPERAND})+"  # two or more numbers joined by operators
+# `3 x $4 + 2 = 14`: an expression, then `=` and a number.
+_EQUATION_RE = re.compile(rf"(?<![\w.$])({_EXPR})\s*=\s*\$?\s?(-?{_NUM})(?![\d/])")
+_EXPR_TAIL_RE = re.compile(rf"({_EXPR})\s*=\s*\$?\s?$")
 
 _STOPWORDS = frozenset(
     """a an the to of in on at for and or is are was were be been being he she it they them
@@ -170,15 +159,14 @@ _RESERVED = frozenset(dir(builtins)) | {"answer", "math", "solution"}  # no shad
 def _gold(rationale: str, answer: float | None) -> tuple[float | None, str | None]:
     """The gold number and how to write it: from `#### N`, else from `answer`."""
     m = _GOLD_RE.search(rationale)
-    if m:
-        text = m.group(1).replace(",", "").replace("$", "")
-        try:
-            return float(text), text
-        except ValueError:
-            return None, None
-    if answer is None:
+    if m is None and answer is not None:
+        answer = float(answer)
+        return answer, str(int(answer)) if answer.is_integer() else repr(answer)
+    text = m.group(1).replace(",", "").replace("$", "") if m else ""
+    try:
+        return float(text), text
+    except ValueError:  # no gold number
         return None, None
-    return float(answer), str(int(answer)) if float(answer).is_integer() else repr(float(answer))
 
 
 def _body_lines(rationale: str) -> list[str]:
@@ -208,14 +196,9 @@ def gold_l2m(socratic_rationale: str, answer: float | None = None) -> str | None
     return "\n".join(out + [f"Final Answer: {gold}"])
 
 
-_BINOPS = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b,
-    ast.FloorDiv: lambda a, b: a // b,
-    ast.Pow: lambda a, b: a**b if abs(b) <= 64 else math.inf,
-}
+# the nodes a parsed expression may hold: numbers, signs and operators
+_ARITHMETIC = (ast.BinOp, ast.UnaryOp, ast.Constant, ast.USub, ast.UAdd)
+_ARITHMETIC += (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv)  # no **: GSM8K never writes it
 
 
 def _parse_arithmetic(text: str, percent: str) -> ast.expr | None:
@@ -229,36 +212,22 @@ def _parse_arithmetic(text: str, percent: str) -> ast.expr | None:
     if not re.fullmatch(r"[\d.+\-*/() ]+", text):
         return None
     # canonical literals: `08` -> `8`, `.5` -> `0.5`
-    text = re.sub(
-        r"\d*\.?\d+", lambda m: str(int(m[0])) if m[0].isdigit() else repr(float(m[0])), text
-    )
+    text = re.sub(r"\d*\.?\d+", lambda m: repr(float(m[0]) if "." in m[0] else int(m[0])), text)
     try:
         nodes = list(ast.walk(ast.parse(text.strip(), mode="eval").body))
     except SyntaxError:
         return None
-    ok = (ast.BinOp, ast.UnaryOp, ast.Constant, ast.USub, ast.UAdd, *_BINOPS)
-    if not all(isinstance(n, ok) for n in nodes):
+    if not all(isinstance(n, _ARITHMETIC) for n in nodes):
         return None
     # `<<27=27>>` states a number, it does not compute one
     return nodes[0] if any(isinstance(n, ast.BinOp) for n in nodes) else None
 
 
 def _evaluate(node: ast.expr, env: dict[str, float]) -> float:
-    """Value of a converted expression, with Python's own arithmetic (as the program will run)."""
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, ast.Name):
-        return env[node.id]
-    if isinstance(node, ast.UnaryOp):  # - or +
-        v = _evaluate(node.operand, env)
-        return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.BinOp):
-        return _BINOPS[type(node.op)](_evaluate(node.left, env), _evaluate(node.right, env))
-    v = _evaluate(node.args[0], env)  # a call we added: round(x, k), int(x) or math.ceil(x)
-    fn = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
-    if fn == "round":
-        return round(v, node.args[1].value) if len(node.args) > 1 else round(v)
-    return int(v) if fn == "int" else math.ceil(v)
+    """Value of a converted expression, computed by Python as the program will compute it. Safe:
+    its nodes are _ARITHMETIC, names of earlier steps, and the round/int/math.ceil calls we add."""
+    code = compile(ast.fix_missing_locations(ast.Expression(node)), "<gold_pot>", "eval")
+    return eval(code, {"math": math}, env)
 
 
 def _close(a: float, b: float, rel_tol: float = 1e-9) -> bool:
@@ -346,7 +315,7 @@ def gold_pot_explain(
         else:
             continue  # a text equation that does not add up was misread: skip it
         if not _close(value, stated):  # the rationale rounded this result: so does the program
-            digits = len(result_text.split(".")[1]) if "." in result_text else 0
+            digits = len(result_text.partition(".")[2])
             places = [ast.Constant(digits)] if digits else []
             for fn, extra in (("round", places), ("int", []), ("math.ceil", [])):
                 call = ast.Call(ast.parse(fn, mode="eval").body, [expr, *extra], [])
@@ -361,12 +330,10 @@ def gold_pot_explain(
     if not final:
         return None, "gold_not_reached"
     # keep the steps the answer depends on
-    needed, todo = set(), [final[-1]]
-    while todo:
-        name = todo.pop()
-        if name in exprs and name not in needed:
-            needed.add(name)
-            todo += [n.id for n in ast.walk(exprs[name]) if isinstance(n, ast.Name)]
+    needed = {final[-1]}
+    for name in reversed(exprs):  # a step refers only to earlier steps
+        if name in needed:
+            needed.update(n.id for n in ast.walk(exprs[name]) if isinstance(n, ast.Name))
     kept = [n for n in exprs if n in needed]
     # The program must compute the answer: a literal equal to the gold number that the question
     # does not give must not reach `answer` unchanged (`<<30*1=30>>`). Nudge each such literal

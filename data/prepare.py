@@ -3,23 +3,22 @@
     python data/prepare.py --from ../shared/data   # a local folder laid out like ../shared/data
     python data/prepare.py                         # download the canonical URLs (sha256-checked)
 
-From Python (siked.py): `prepare.load("gsm8k", "train")`, which prepares the dataset on first use.
-Source: `--from DIR`, else $SIKED_DATA, else the URLs in FILES (into data/raw/); every raw file is
-checked against its sha256 (../shared/data/README.md). Output: data/<name>/<split>.jsonl, rows
-{"id", "question", "answer": float, "rationale"?, "socratic"?, "equation"?}; ids "<name>-<ID>".
-Per dataset (SPEC.md section 3; [R] = the authors' code, inference_all_chk_all_data.py):
-- gsm8k train 7473 / test 1319, ids "gsm8k-<split>-<row>": answer = the text after `####` without
-  `,` and `$`, rationale = the text before it. Where `gsm8k/<split>_socratic.jsonl` exists its
-  rationale becomes "socratic" (for the gold L2M teacher). train_socratic is not in ../shared/data
-  (said once) and has no published sha256: it is checked row by row against train.jsonl instead.
-- svamp test 1000: question = Body + " " + Question, trimmed, exactly as [R] joins them.
-- asdiv test: question = Body + " " + Question; the answer without its unit ("9 (apples)" -> 9.0),
-  maybe a fraction ("5/2", "-(1/3)"). A non-numeric answer takes the result after Formula's last
-  `=` only where it equals the one number in the answer ("6th", "February 3rd"); [R] always does,
-  turning "They are equal" into 0.833. The rest (names, yes/no, "2:3", clock times, "9; 11") is
-  skipped and counted: 2096 of 2305 kept (9 fractions, 3 from Formula), 209 skipped.
-- multiarith test 600, ids "multiarith-<iIndex>": sQuestion, lSolutions[0]. All 600 rows: the
-  paper's 180-question split (HF ChilleD/MultiArith) is not reproducible here.
+siked.py calls `prepare.load("gsm8k", "train")`, which prepares the dataset on first use. Source:
+`--from DIR`, else $SIKED_DATA, else the URLs in FILES (into data/raw/), each file sha256-checked
+(../shared/data/README.md). Output: data/<name>/<split>.jsonl, rows {"id": "<name>-<ID>",
+"question", "answer": float, "rationale"?, "socratic"?, "equation"?}. Per dataset (SPEC.md
+section 3; [R] = the authors' code, inference_all_chk_all_data.py):
+- gsm8k, ids "gsm8k-<split>-<row>": answer = the number after `####`, rationale = the text before
+  it. A `<split>_socratic.jsonl` gives "socratic" (the gold L2M teacher's input); train_socratic is
+  not in ../shared/data (said once) and has no published sha256: it is checked row by row against
+  train.jsonl instead.
+- svamp: question = Body + " " + Question, trimmed, exactly as [R] joins them.
+- asdiv: question as svamp; the answer without its unit ("9 (apples)" -> 9.0), maybe a fraction
+  ("-(1/3)"). A non-numeric answer takes the result after Formula's last `=` only where it equals
+  the one number in the answer ("6th", "February 3rd"); [R] always does, turning "They are equal"
+  into 0.833. The rest (names, yes/no, "2:3", "9; 11") is skipped and counted: 2096 of 2305 kept.
+- multiarith, ids "multiarith-<iIndex>": sQuestion, lSolutions[0]. All 600 rows: the paper's
+  180-question split (HF ChilleD/MultiArith) is not reproducible here.
 """
 
 import argparse
@@ -28,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import urllib.error
@@ -108,11 +108,7 @@ def parse_number(text: str) -> float | None:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()  # the largest raw file is 4 MB
 
 
 @contextlib.contextmanager
@@ -132,29 +128,14 @@ def atomic_open(path: Path, mode: str = "w"):
         raise
 
 
-class DownloadError(ValueError):
-    def __init__(self, url: str, reason: str):
-        super().__init__(
-            f"{url}: cannot download ({reason}); pass --from DIR or set SIKED_DATA to a local copy"
-        )
-        self.reason = reason
-
-
 def download(url: str, dest: Path, progress: bool = True, timeout_s: float = 60.0) -> None:
-    """Stream url into dest through atomic_open; a DownloadError naming the URL where it cannot."""
-    try:
-        with atomic_open(dest, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-            ) as bar:
-                for block in iter(lambda: resp.read(1 << 16), b""):
-                    f.write(block)
-                    bar.update(len(block))
-    except OSError as e:  # URLError, HTTPError, TimeoutError, a full disk
-        if isinstance(e, urllib.error.HTTPError):
-            raise DownloadError(url, f"HTTP {e.code} {e.reason}") from None
-        raise DownloadError(url, str(getattr(e, "reason", None) or e)) from None
+    """Stream url into dest through atomic_open, with a progress bar."""
+    with atomic_open(dest, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        with tqdm.wrapattr(
+            f, "write", total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+        ) as out:
+            shutil.copyfileobj(resp, out)
 
 
 def fetch(
@@ -178,11 +159,17 @@ def fetch(
         if not path.is_file():
             try:
                 download(remote.url, path, progress=progress)
-            except DownloadError as e:
-                if not remote.optional:
-                    raise
-                note(f"prepare: {rel} is not available ({e.reason}): carrying on without it")
-                return None
+            except OSError as e:  # URLError, HTTPError, TimeoutError, a full disk
+                reason = str(getattr(e, "reason", None) or e)
+                if isinstance(e, urllib.error.HTTPError):
+                    reason = f"HTTP {e.code} {reason}"
+                if remote.optional:
+                    note(f"prepare: {rel} is not available ({reason}): carrying on without it")
+                    return None
+                raise ValueError(
+                    f"{remote.url}: cannot download ({reason}); pass --from DIR or set SIKED_DATA "
+                    "to a local copy"
+                ) from None
     if remote.sha256 is not None and (got := sha256_file(path)) != remote.sha256:
         raise ValueError(
             f"{path}: sha256 {got} does not match the expected {remote.sha256} for {rel} "
@@ -274,12 +261,11 @@ def parse_svamp(path: Path) -> list[dict]:
 def parse_multiarith(path: Path) -> list[dict]:
     rows = []
     for line, item in _json_items(path):
-        (solutions,) = _fields(path, line, item, lSolutions=list)
+        solutions, equations, index, question = _fields(
+            path, line, item, lSolutions=list, lEquations=list, iIndex=int, sQuestion=str
+        )
         if not solutions or not isinstance(solutions[0], (int, float)):
             raise ValueError(f"{path}:{line}: expected a number in lSolutions, got {solutions!r}")
-        equations, index, question = _fields(
-            path, line, item, lEquations=list, iIndex=int, sQuestion=str
-        )
         rows.append(
             dict(id=f"multiarith-{index}", question=question.strip(), answer=float(solutions[0]),
                  equation=str(equations[0]).strip() if equations else "")
@@ -308,21 +294,15 @@ def parse_asdiv(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
         root = ET.fromstring(text)
     except ET.ParseError as e:
         raise ValueError(f"{path}:{e.position[0]}: not valid XML ({e})") from None
-    # ElementTree keeps no line numbers: each Problem's line, found by its ID, for errors
-    lines, line, pos = {}, 1, 0
-    for m in re.finditer(r'<Problem\b[^>]*\bID="([^"]*)"', text):
-        line += text.count("\n", pos, m.start())
-        pos = m.start()
-        lines[m.group(1)] = line
     rows, skipped, from_formula = [], [], 0
     for problem in root.iter("Problem"):
         pid = problem.get("ID", "")
         fields = {k: problem.findtext(k) for k in ("Body", "Question", "Answer", "Formula")}
         missing = [k for k, v in fields.items() if v is None]
-        if not pid or missing:
-            raise ValueError(
-                f"{path}:{lines.get(pid, '?')}: Problem {pid!r} lacks {missing or 'ID'}"
-            )
+        if not pid or missing:  # ElementTree keeps no line numbers: find the Problem by its ID
+            at = re.search(rf'<Problem\b[^>]*\bID="{re.escape(pid)}"', text)
+            line = text.count("\n", 0, at.start()) + 1 if at else "?"
+            raise ValueError(f"{path}:{line}: Problem {pid!r} lacks {missing or 'ID'}")
         answer, how = asdiv_answer(fields["Answer"], fields["Formula"])
         if answer is None:
             skipped.append((pid, fields["Answer"].strip()))

@@ -197,6 +197,11 @@ def test_malformed_rows_name_file_and_line(tmp_path):
     svamp.write_text(json.dumps([item, item, broken], indent=4))  # the third item starts on line 16
     with pytest.raises(ValueError, match=rf"^{svamp}:16: expected a problem with a 'Answer' field"):
         prepare.parse_svamp(svamp)
+    multiarith = tmp_path / "MultiArith.json"
+    item = {"iIndex": 0, "sQuestion": "q", "lEquations": ["x=1"], "lSolutions": [1.0]}
+    multiarith.write_text(json.dumps([item, item | {"lSolutions": []}], indent=4))  # 2nd: line 12
+    with pytest.raises(ValueError, match=rf"^{multiarith}:12: expected a number in lSolutions"):
+        prepare.parse_multiarith(multiarith)
 
     xml = tmp_path / "ASDiv.xml"
     problem = (

@@ -196,6 +196,8 @@ def test_gold_pot_explains_what_it_cannot_do():
     assert S.gold_pot_explain("Let x be the age.\n3x = 27\nx = 9\n#### 9")[1] == "no_steps"
     assert S.gold_pot_explain("He has 2+3=<<2+3=5>>5.\n#### 6")[1] == "gold_not_reached"
     assert S.gold_pot_explain("He has 2+3=<<2+3=5>>5.")[1] == "no_gold"
+    # `**` is not arithmetic GSM8K writes: refused, so no step can compute a huge power
+    assert S.gold_pot_explain("It is 9**9**9 = <<9**9**9=9>>9.\n#### 9")[1] == "no_steps"
 
 
 def test_gold_l2m_from_a_socratic_rationale():
