@@ -1,6 +1,6 @@
 """
-Answer checking for SIKeD, and a sandbox for the program-of-thought (PoT) programs a model writes.
-Every iteration's data goes through this filter (about 70,000 PoT programs per iteration):
+Answer checking for SIKeD, and a sandbox for the program-of-thought (PoT) programs a model writes:
+the filter every iteration's data goes through (about 70,000 PoT programs per iteration).
 
     from verify import extract_answer, is_correct, run_pot_batch
     extract_answer("... so 6 apples.\\nFinal Answer: 6", "cot")  # 6.0
@@ -8,31 +8,27 @@ Every iteration's data goes through this filter (about 70,000 PoT programs per i
     # [(72.0, None), (None, 'timeout after 2s')]
 
 Answers (CoT, L2M): the number after the last `Final Answer:`, else `####`, else "the answer is",
-else the last number. Forms: `1,234`, `$1,234.50`, `-3`, `3/4`, `12%` (12, as GSM8K writes it),
-`.75`, `12.00 dollars`. PoT: the program's `answer` variable, else what `solution()` returns; an
-int, float, Fraction or Decimal becomes a float, anything else (bool, nan, str, ...) is an error.
-Results are `(value, error)` pairs, one of them None (`PotResult`, with the captured `.stdout`).
+else the last number (`1,234`, `$1,234.50`, `-3`, `3/4`, `12%` is 12 as in GSM8K, `.75`). PoT: the
+program's `answer` variable, else what `solution()` returns, as a float; bool, nan, str etc. are
+errors. Results are `PotResult` pairs `(value, error)`, one of them None, with the `.stdout`.
 
 The sandbox: persistent worker processes (`python -I -S verify.py --worker`, scrubbed environment,
 own session) get source text and answer with JSON lines; the parent never unpickles, parses or runs
 model code. Layers, each tested alone in tests/test_verify.py, none enough alone:
 1. AST check: no `__` names, `_` attributes, frame attributes, `__` strings or other imports.
-2. Restricted builtins (no open, eval, getattr, ...); `__import__` hands out copies of the public
-   names of the allowlisted modules, without submodules. No sympy ([R] imported it; SPEC 1.1).
-3. Audit hook (PEP 578): only compiling and running the program and setting its CPU limit are
-   allowed; opens, sockets, subprocesses, frame access, new imports etc. are refused.
+2. Restricted builtins; `__import__` hands out copies of the allowlisted modules' public names.
+3. Audit hook (PEP 578): only compiling and running the program and setting its CPU limit.
 4. A worker started as root drops to uid/gid 65534 (nobody) with no supplementary groups.
-5. setrlimit after the drop: CPU seconds per program, address space, file size 0, no new file
-   descriptors or processes, no core files.
+5. setrlimit after the drop: CPU per program, memory, file size 0, no new fds, processes or cores.
 6. The parent replaces a worker that misses its deadline or dies; a worker retires if a program
    changed a class of an allowlisted module; decimal context and recursion limit are reset.
-Not covered: no kernel-level isolation (seccomp, namespaces); workers share uid 65534; programs
-may use CPU and memory up to the limits. Run untrusted code at scale in a container as well.
+Not covered: kernel-level isolation (seccomp, namespaces); workers share uid 65534; programs may
+use CPU and memory up to the limits. Run untrusted code at scale in a container as well.
 
 Sources: nanochat/execution.py (Karpathy, after OpenAI human-eval) for the sandbox's shape; PEP 578.
 Departures from [R]: [R] `exec`s PoT in-process after importing sympy, with a 10 s timeout, and
-compares floats with `==`; here separate processes, no sympy, a 2 s default timeout (a GSM8K
-program takes about 1 ms) and a relative tolerance of 1e-4 (`rel_tol=0` is [R]'s, SPEC 3).
+compares floats with `==`; here separate processes, no sympy (SPEC 1.1), a 2 s default timeout (a
+GSM8K program takes about 1 ms) and a relative tolerance of 1e-4 (`rel_tol=0` is [R]'s, SPEC 3).
 """
 
 import ast
@@ -43,7 +39,7 @@ import json
 import math
 import os
 import re
-import selectors
+import select
 import signal
 import string
 import sys
@@ -127,10 +123,9 @@ def extract_answer(text: str, strategy: str | None) -> float | None:
         return run_pot(strip_code_fence(text))[0]
     for marker in _MARKERS:
         found = list(marker.finditer(text))
-        if found:
-            value = next(_numbers(text[found[-1].end() :]), None)
-            if value is not None:
-                return value
+        value = next(_numbers(text[found[-1].end() :]), None) if found else None
+        if value is not None:
+            return value
     values = list(_numbers(text))
     return values[-1] if values else None
 
@@ -139,14 +134,11 @@ def extract_answers(texts, strategies, workers=None, timeout_s=2.0) -> list[floa
     """extract_answer for many texts; the PoT ones run as one sandbox batch."""
     texts, strategies = list(texts), list(strategies)
     if len(texts) != len(strategies):
-        raise ValueError(
-            f"texts and strategies differ in length: {len(texts)} != {len(strategies)}"
-        )
+        raise ValueError(f"texts and strategies differ in length: {len(texts)}, {len(strategies)}")
     pairs = list(zip(texts, strategies, strict=True))
-    out = [None if s == "pot" else extract_answer(t, s) for t, s in pairs]
     codes = [strip_code_fence(t) for t, s in pairs if s == "pot"]
-    results = iter(run_pot_batch(codes, timeout_s=timeout_s, workers=workers))
-    return [next(results).value if s == "pot" else v for v, s in zip(out, strategies, strict=True)]
+    values = iter(run_pot_batch(codes, timeout_s=timeout_s, workers=workers))
+    return [next(values).value if s == "pot" else extract_answer(t, s) for t, s in pairs]
 
 
 def is_correct(pred: float | None, gold: float, rel_tol: float = 1e-4) -> bool:
@@ -191,24 +183,18 @@ _INTERNAL = {
 
 def _ast_problem(tree) -> str | None:
     """Why the program is refused before it runs, or None. Fast and conservative."""
-
-    def bad(name):
-        return name is not None and name.startswith("__")
-
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):
             if node.attr.startswith("_") or node.attr in _BLOCKED_ATTRS:
                 return f"attribute .{node.attr} is not allowed"
-        elif isinstance(node, ast.Name):
-            if bad(node.id) and not (node.id == "__name__" and isinstance(node.ctx, ast.Load)):
+        elif isinstance(node, ast.Name) and node.id.startswith("__"):
+            if node.id != "__name__" or not isinstance(node.ctx, ast.Load):
                 return f"name {node.id} is not allowed"
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            if bad(node.name) and node.name != "__init__":
+            if node.name.startswith("__") and node.name != "__init__":
                 return f"definition of {node.name} is not allowed"
-        elif isinstance(node, ast.arg) and bad(node.arg):
-            return f"argument {node.arg} is not allowed"
-        elif isinstance(node, ast.keyword) and bad(node.arg):
-            return f"keyword {node.arg} is not allowed"
+        elif isinstance(node, (ast.arg, ast.keyword)) and (node.arg or "").startswith("__"):
+            return f"argument {node.arg} is not allowed"  # (keyword.arg is None for **kwargs)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             if "__" in node.value and node.value != "__main__":  # if __name__ == "__main__":
                 return "strings containing '__' are not allowed"
@@ -266,8 +252,7 @@ def _worker_main(cfg: SandboxConfig) -> None:
     warnings.simplefilter("ignore")  # showing a warning would open the source file
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file write over RLIMIT_FSIZE fails (EFBIG)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.chdir("/")
-    os.umask(0o077)
+    os.umask(0o077)  # (the parent starts it in cwd "/")
     requests = os.fdopen(0, "rb")  # results go out on fd 1
     sys.stdin = io.StringIO()
     sys.stdout = sys.stderr = _Capped(0)
@@ -296,15 +281,16 @@ def _worker_main(cfg: SandboxConfig) -> None:
         }
     for name, names in _INTERNAL.items():
         public[name] = {k: getattr(sys.modules[name], k) for k in names}
-    # Classes a program could change for the programs after it (C types cannot be changed).
+    # Classes a program could change for the programs after it (C types cannot be changed):
+    # a live view of each one's namespace, and a copy to compare it with.
     shared_classes = {v for d in public.values() for v in d.values() if isinstance(v, type)}
-    snapshot = {cls: dict(vars(cls)) for cls in shared_classes}
+    snapshot = [(vars(cls), dict(vars(cls))) for cls in shared_classes]
     safe_builtins = {k: getattr(builtins, k) for k in _SAFE_BUILTINS}
 
     def fresh_builtins():
         if not cfg.restricted_builtins:
             return builtins.__dict__
-        modules = {}
+        modules = {}  # this program's copies: what it changes in them dies with it
 
         def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
             if level != 0 or name not in public:
@@ -316,47 +302,36 @@ def _worker_main(cfg: SandboxConfig) -> None:
 
         return dict(safe_builtins, __import__=guarded_import)
 
-    def classes_changed():
-        for cls, before in snapshot.items():
-            now = vars(cls)  # compared by identity: a program's __eq__ must not run here
-            if len(now) != len(before) or any(
-                now.get(k, snapshot) is not v for k, v in before.items()
-            ):
-                return True
-        return False
+    def classes_changed():  # by identity: a program's __eq__ must not run here
+        return any(
+            len(now) != len(before) or any(now.get(k, now) is not v for k, v in before.items())
+            for now, before in snapshot
+        )
 
     def cpu_used():
         used = resource.getrusage(resource.RUSAGE_SELF)
         return used.ru_utime + used.ru_stime
 
     cpu_soft = [cpu_hard]
-    compiling = [None]  # the AST the worker is compiling (compile() of an AST has no filename)
 
     def audit(event, args):
         # An allowlist: the worker's own parse/compile/exec of "<pot>" and its own CPU limit.
-        if event == "compile":
-            if args[1] == "<pot>" or (compiling[0] is not None and args[0] is compiling[0]):
-                return
-        elif event == "exec":
-            if getattr(args[0], "co_filename", None) == "<pot>":
-                return
-        elif event == "resource.setrlimit":
-            if args[0] == resource.RLIMIT_CPU and args[1] == (cpu_soft[0], cpu_hard):
-                return
+        if event == "compile" and args[1] == "<pot>":
+            return
+        if event == "exec" and getattr(args[0], "co_filename", None) == "<pot>":
+            return
+        if event == "resource.setrlimit" and args == (resource.RLIMIT_CPU, (cpu_soft[0], cpu_hard)):
+            return
         raise RuntimeError(f"sandbox: {event} is not allowed")
 
     def run(code, timeout_s):
-        # (the parent refuses programs longer than cfg.max_code_chars)
-        try:
-            compiling[0] = ast.parse(code, "<pot>")
-            problem = _ast_problem(compiling[0]) if cfg.ast_check else None
+        try:  # compile(code) costs what compile(tree) does, and its audit event names "<pot>"
+            problem = _ast_problem(ast.parse(code, "<pot>")) if cfg.ast_check else None
             if problem is not None:
                 return None, f"rejected: {problem}", ""
-            compiled = compile(compiling[0], "<pot>", "exec")
+            compiled = compile(code, "<pot>", "exec")
         except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
             return None, f"{type(e).__name__}: {e}", ""
-        finally:
-            compiling[0] = None
         if cfg.rlimits:
             cpu_s = cfg.cpu_s if cfg.cpu_s is not None else math.ceil(timeout_s) + 1
             cpu_soft[0] = min(math.ceil(cpu_used() + cpu_s), cpu_hard)
@@ -383,7 +358,6 @@ def _worker_main(cfg: SandboxConfig) -> None:
         finally:
             sys.stdout = sys.stderr
         namespace.clear()
-        del compiled
         gc.collect()  # finalizers of the program's objects run now, inside its time
         return value, error, out.getvalue()
 
@@ -435,27 +409,22 @@ class _Worker:
             env={"SIKED_SANDBOX_CONFIG": json.dumps(asdict(cfg))},  # scrubbed environment
             cwd="/",
             start_new_session=True,  # no Ctrl-C from the terminal; killed by the parent
-            close_fds=True,
         )
         self.rfd, self.wfd = self.proc.stdout.fileno(), self.proc.stdin.fileno()
-        os.set_blocking(self.rfd, False)
-        os.set_blocking(self.wfd, False)
+        os.set_blocking(self.wfd, False)  # reads wait for poll; a write takes what the pipe takes
         self.rbuf, self.wbuf = b"", b""
         self.ready = False
         self.job = None  # (index, id) of the program it runs
         self.deadline = time.monotonic() + 30.0  # to start up; math.inf while idle
 
-    def stop(self) -> str:
-        """Kill the worker if it still runs; says how it ended."""
+    def close(self) -> str:
+        """Kill the worker if it still runs and close its pipes; says how it ended."""
         if self.proc.poll() is None:
             self.proc.kill()
         code = self.proc.wait()
-        return f"worker died ({signal.Signals(-code).name if code < 0 else f'exit code {code}'})"
-
-    def close(self):
-        self.stop()
         self.proc.stdin.close()
         self.proc.stdout.close()
+        return f"worker died ({signal.Signals(-code).name if code < 0 else f'exit code {code}'})"
 
 
 class PotSandbox:
@@ -468,7 +437,6 @@ class PotSandbox:
         self.config = config or SandboxConfig()
         self.workers: list[_Worker] = []
         self.started = 0  # workers started so far, replacements included
-        self.selector = selectors.DefaultSelector()
         self.pid = os.getpid()
 
     def __enter__(self):
@@ -479,26 +447,18 @@ class PotSandbox:
 
     def close(self):
         for w in self.workers:
-            self._drop(w)
+            w.close()
         self.workers = []
 
     def _start(self):
-        w = _Worker(self.config)
+        self.workers.append(_Worker(self.config))
         self.started += 1
-        self.selector.register(w.rfd, selectors.EVENT_READ, w)
-        self.workers.append(w)
-
-    def _drop(self, w):
-        for fd in (w.rfd, w.wfd):  # before the fds are closed: their numbers get reused
-            if fd in self.selector.get_map():
-                self.selector.unregister(fd)
-        w.close()
 
     def _replace(self, w, results=None, error=None):
-        """Kill worker w and start another; the program w was running gets `error`."""
+        """Kill worker w and start another; its program gets `error`, else how w ended."""
+        ended = w.close()
         if w.job is not None:
-            results[w.job[0]] = PotResult(None, error)
-        self._drop(w)
+            results[w.job[0]] = PotResult(None, error or ended)
         self.workers.remove(w)
         self._start()
 
@@ -514,10 +474,8 @@ class PotSandbox:
         if os.getpid() != self.pid:
             raise RuntimeError("a PotSandbox cannot be used from a forked child; make a new one")
         limit = self.config.max_code_chars
-        results = [
-            PotResult(None, f"program longer than {limit}") if len(c) > limit else None
-            for c in codes
-        ]
+        too_long = PotResult(None, f"program longer than {limit}")
+        results = [too_long if len(c) > limit else None for c in codes]
         pending = deque(i for i, r in enumerate(results) if r is None)
         try:
             self._dispatch(codes, pending, results, timeout_s)
@@ -531,33 +489,35 @@ class PotSandbox:
         while len(self.workers) < min(self.n_workers, max(len(pending), 1)):
             self._start()
         while pending or any(w.job is not None for w in self.workers):
-            now = time.monotonic()
+            poll = select.poll()
             for w in self.workers:
                 if w.ready and w.job is None and pending:
                     i = pending.popleft()
                     job_id = int.from_bytes(os.urandom(6), "little")  # a result must echo it
-                    w.job, w.deadline = (i, job_id), now + timeout_s
+                    w.job, w.deadline = (i, job_id), time.monotonic() + timeout_s
                     req = {"id": job_id, "code": codes[i], "timeout_s": timeout_s}
                     w.wbuf = (json.dumps(req) + "\n").encode()
-                    self._flush(w)
+                if w.wbuf:  # as much as the pipe takes: a worker that stops reading can't block us
+                    try:
+                        w.wbuf = w.wbuf[os.write(w.wfd, w.wbuf) :]
+                    except (BlockingIOError, BrokenPipeError):  # full, or dead (see its read end)
+                        pass
+                poll.register(w.rfd, select.POLLIN)
+                if w.wbuf:
+                    poll.register(w.wfd, select.POLLOUT)
+            by_fd = {fd: w for w in self.workers for fd in (w.rfd, w.wfd)}
             wait = min(w.deadline for w in self.workers) - time.monotonic()
-            for key, _ in self.selector.select(None if wait == math.inf else max(wait, 0.0)):
-                w = key.data
-                if w not in self.workers:  # replaced earlier in this loop
+            for fd, _ in poll.poll(None if wait == math.inf else max(wait, 0.0) * 1000):
+                w = by_fd[fd]
+                if w not in self.workers or fd == w.wfd:  # replaced, or writable: written above
                     continue
-                if key.fd == w.wfd:
-                    self._flush(w)
-                    continue
-                try:
-                    chunk = os.read(w.rfd, 1 << 16)
-                except BlockingIOError:
-                    continue
+                chunk = os.read(fd, 1 << 16)
                 if not chunk:  # it died
-                    if w.job is None and not w.ready:
+                    if not w.ready:
                         failed_starts += 1
                         if failed_starts >= 3:
-                            raise RuntimeError(f"PoT sandbox workers fail to start: {w.stop()}")
-                    self._replace(w, results, w.stop())
+                            raise RuntimeError(f"PoT sandbox workers fail to start: {w.close()}")
+                    self._replace(w, results)
                     continue
                 w.rbuf += chunk
                 while b"\n" in w.rbuf and w in self.workers:
@@ -571,23 +531,11 @@ class PotSandbox:
                     raise RuntimeError("PoT sandbox worker did not start within 30 s")
                 self._replace(w, results, f"timeout after {timeout_s:g}s")
 
-    def _flush(self, w):
-        try:
-            n = os.write(w.wfd, w.wbuf)
-        except (BlockingIOError, BrokenPipeError):
-            n = 0
-        w.wbuf = w.wbuf[n:]
-        registered = w.wfd in self.selector.get_map()
-        if w.wbuf and not registered:
-            self.selector.register(w.wfd, selectors.EVENT_WRITE, w)
-        elif not w.wbuf and registered:
-            self.selector.unregister(w.wfd)
-
     def _receive(self, w, line, results):
         """Handle one JSON line from a worker."""
         try:
             msg = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep
             msg = None
         if not isinstance(msg, dict):
             msg = {}
@@ -597,16 +545,13 @@ class PotSandbox:
         if w.job is None:  # garbage before it was ready, or it spoke out of turn
             return self._replace(w)
         value, error, stdout = msg.get("value"), msg.get("error"), msg.get("stdout", "")
-        ok = (
-            msg.get("id") == w.job[1]
-            and (value is None or (type(value) in (int, float) and math.isfinite(value)))
-            and (error is None or isinstance(error, str))
-            and (value is None) != (error is None)
-            and isinstance(stdout, str)
-        )
-        if not ok:
+        if value is None:
+            ok = isinstance(error, str)
+        else:
+            ok = error is None and type(value) is float and math.isfinite(value)  # (10**400 is int)
+        if not ok or msg.get("id") != w.job[1] or not isinstance(stdout, str):
             return self._replace(w, results, "worker sent an invalid result")
-        results[w.job[0]] = PotResult(None if value is None else float(value), error, stdout)
+        results[w.job[0]] = PotResult(value, error, stdout)
         w.job, w.deadline = None, math.inf
         if msg.get("retire") is True:
             self._replace(w)
@@ -619,18 +564,14 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
-_SANDBOXES: dict[tuple, PotSandbox] = {}
+_SANDBOXES: dict[int, PotSandbox] = {}  # the shared sandboxes, by number of workers
 
 
 def _sandbox(workers: int | None) -> PotSandbox:
-    """The process's shared sandbox with `workers` workers (started on first use)."""
     n = workers or default_workers()
-    key = (os.getpid(), n)
-    if key not in _SANDBOXES:
-        for k in [k for k in _SANDBOXES if k[0] != os.getpid()]:
-            del _SANDBOXES[k]  # inherited through fork: those workers belong to the parent
-        _SANDBOXES[key] = PotSandbox(n)
-    return _SANDBOXES[key]
+    if n not in _SANDBOXES or _SANDBOXES[n].pid != os.getpid():  # a fork's belong to its parent
+        _SANDBOXES[n] = PotSandbox(n)
+    return _SANDBOXES[n]
 
 
 def run_pot(code: str, timeout_s: float = 2.0) -> PotResult:
@@ -643,14 +584,12 @@ def run_pot_batch(codes, timeout_s: float = 2.0, workers: int | None = None) -> 
     return _sandbox(workers).run_batch(codes, timeout_s=timeout_s)
 
 
+@atexit.register
 def close_sandboxes():
     for box in _SANDBOXES.values():
         if box.pid == os.getpid():
             box.close()
-    _SANDBOXES.clear()
 
-
-atexit.register(close_sandboxes)
 
 if __name__ == "__main__":  # the worker's entry point (no argparse: it loads few modules)
     if sys.argv[1:] != ["--worker"]:

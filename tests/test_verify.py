@@ -562,6 +562,24 @@ def test_layer_forged_results_are_refused(kernel_box):
     assert kernel_box.run("answer = 5") == (5.0, None)
 
 
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "'[' * 100_000",  # JSON nested too deep to parse
+        # the right id, read off the worker's stack, with a value no float can hold
+        "json.dumps({'id': f.f_locals['job']['id'], 'value': 10 ** 400, 'error': None})",
+    ],
+)
+def test_layer_forged_lines_do_not_break_the_parent(kernel_box, forged):
+    code = (
+        "import json, os, sys\nf = sys._getframe()\nwhile 'job' not in f.f_locals:\n"
+        f"    f = f.f_back\nos.write(1, ({forged} + '\\n').encode())\nanswer = 2"
+    )
+    value, error = kernel_box.run(code)
+    assert value is None and error == "worker sent an invalid result"
+    assert kernel_box.run("answer = 5") == (5.0, None)
+
+
 def test_layer_hook_refuses_file_open(hook_box, tmp_path):
     target = tmp_path / "written.txt"
     error = run_hostile(hook_box, f"open({str(target)!r}, 'w').write('x')\nanswer = 1")
