@@ -14,14 +14,14 @@ per (id, strategy): D_LLM.
   (../shared/data/README.md): there L2M is skipped, said once.
 - http: an OpenAI-compatible /v1/chat/completions server (vLLM, SGLang, a hosted API) via urllib:
   strategies.teacher_messages' 8-shot chat, n samples at temperature 0.7, top-p 0.95 (SPEC 1.1,
-  5.7), with `n` in one request where the server accepts it. A bounded thread pool; 429, 5xx,
-  dropped connections and timeouts are retried with backoff (Retry-After honoured), anything else
-  is a one-line TeacherError. The key: --teacher-key or OPENAI_API_KEY.
+  5.7), with `n` in one request where the server accepts it; `workers` questions at a time. 429,
+  5xx, dropped connections and timeouts are retried with backoff (Retry-After honoured), anything
+  else is a one-line TeacherError. The key: --teacher-key or OPENAI_API_KEY.
 - local: a model.py model (alias, HF id or folder) in its chat format, sampled by sample.generate.
-Resumable and atomic: whole questions are appended to `<out>.partial` (fsynced), which is renamed
-to `<out>` at the end. A rerun drops a torn last line, redoes the last question and skips finished
-ones; over a finished `<out>` it adds new questions. Sampling is seeded per chunk, so a resumed LLM
-run is not bit-identical to an uninterrupted one.
+Resumable and atomic: each chunk of whole questions is written as one atomic file in
+`<out>.parts/`; at the end all rows are written atomically to `<out>` and the folder is removed. A
+rerun skips the finished questions, those of a finished `<out>` too (so it can be extended).
+Sampling is seeded per chunk, so a resumed LLM run is not bit-identical to an uninterrupted one.
 """
 
 import argparse
@@ -30,14 +30,12 @@ import os
 import random
 import shutil
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from http.client import HTTPException
-from itertools import islice
 from pathlib import Path
 
 from tqdm import tqdm
@@ -89,9 +87,8 @@ def clean_text(text: str, strategy: str) -> str:
 def verify_rows(questions, texts, source, rel_tol=1e-4, workers=None) -> list[dict]:
     """Rows for finished questions, texts[id] = [(strategy, body or None)]; PoT in one batch."""
     flat = [(q, s, t) for q in questions for s, t in texts.get(q["id"], []) if t is not None]
-    answers = verify.extract_answers(
-        [t for *_, t in flat], [s for _, s, _ in flat], workers=workers
-    )
+    bodies, kinds = [t for *_, t in flat], [s for _, s, _ in flat]
+    answers = verify.extract_answers(bodies, kinds, workers=workers)
     rows = []
     for (q, s, t), a in zip(flat, answers, strict=True):
         ok = verify.is_correct(a, q["answer"], rel_tol=rel_tol)
@@ -101,78 +98,61 @@ def verify_rows(questions, texts, source, rel_tol=1e-4, workers=None) -> list[di
     return rows
 
 
-def _resume(out: Path, partial: Path, source: str) -> list[dict]:
-    """The rows already finished in `partial` (started as a copy of a finished `out`), which is
-    cut in place to exactly those rows: a kept row is never lost."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    finished = not partial.exists() and out.exists()
-    if finished:
-        shutil.copyfile(out, partial)  # continue a finished file with more questions
-    data = partial.read_bytes() if partial.exists() else b""
-    rows, starts, pos = [], [], 0
-    for lineno, line in enumerate(data.splitlines(keepends=True), 1):
-        if not line.endswith(b"\n"):
-            break  # a torn last line (killed mid-write) is dropped
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{partial}:{lineno}: not valid JSON; remove the file") from None
-        if row.get("source") != source:
-            raise ValueError(
-                f"{partial}:{lineno}: written by teacher {row.get('source')!r}, not {source!r}; "
-                "remove it or rerun with the same teacher"
-            )
-        rows.append(row)
-        starts.append(pos)
-        pos += len(line)
-    if rows and not finished:  # the last question may be incomplete (killed between its lines)
-        last = rows[-1]["id"]
-        while rows and rows[-1]["id"] == last:
-            rows.pop()
-            pos = starts.pop()
-    with open(partial, "ab") as f:
-        f.truncate(pos)
-        os.fsync(f.fileno())
+def _read_checked(path: Path, source: str) -> list[dict]:
+    """The rows of a teacher file or chunk; a one-line error if it is damaged or not source's."""
+    try:
+        rows = read_rows(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); remove it") from None
+    others = {r.get("source") for r in rows} - {source}
+    if others:
+        raise ValueError(
+            f"{path}: written by teacher {others.pop()!r}, not {source!r}; "
+            "remove it or rerun with the same teacher"
+        )
     return rows
 
 
 def _run_stage(questions, out_path, source, solve, progress, judged) -> dict:
-    """Resume `<out_path>.partial`, append (fsynced) the rows solve(unfinished questions) yields,
-    a chunk of whole questions at a time, and rename it to out_path. Prints and returns per
-    strategy (questions with a correct row, questions) over judged[strategy] (None: skipped)."""
+    """Write out_path: its rows so far, then each list of rows solve(other questions) yields, saved
+    first as an atomic chunk file in `<out>.parts/`. Prints and returns per strategy (questions
+    with a correct row, questions) over judged[strategy] (None: skipped)."""
     out = Path(out_path)
-    partial = out.with_name(out.name + ".partial")
-    done = {r["id"] for r in _resume(out, partial, source)}
+    parts = out.with_name(out.name + ".parts")
+    rows = _read_checked(out, source) if out.exists() else []  # a finished file is extended
+    done = {r["id"] for r in rows}
+    chunks = sorted(parts.glob("*.jsonl"))
+    # chunk rows already in out: the last run was killed after writing out, before rmtree(parts)
+    rows += [r for p in chunks for r in _read_checked(p, source) if r["id"] not in done]
+    done = {r["id"] for r in rows}
     todo = [q for q in questions if q["id"] not in done]
+    parts.mkdir(parents=True, exist_ok=True)
     initial, total = len(questions) - len(todo), len(questions)
-    with (
-        open(partial, "ab") as f,
-        tqdm(total=total, initial=initial, desc=source, disable=not progress) as bar,
-    ):
-        for rows in solve(todo):
-            f.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows))
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len({r["id"] for r in rows}))
-    os.replace(partial, out)
+    with tqdm(total=total, initial=initial, desc=source, disable=not progress) as bar:
+        for i, new in enumerate(solve(todo), len(chunks)):
+            prepare.write_jsonl(parts / f"{i:06d}.jsonl", new)
+            rows += new
+            bar.update(len({r["id"] for r in new}))
+    order = {q["id"]: i for i, q in enumerate(questions)}  # not the order the answers came in
+    rows.sort(key=lambda r: order.get(r["id"], -1))
+    prepare.write_jsonl(out, rows)
     dir_fd = os.open(out.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)  # out's rename is on disk before the chunks are removed
     finally:
         os.close(dir_fd)
-    solved = {(r["id"], r["strategy"]) for r in read_rows(out) if r["correct"]}
+    shutil.rmtree(parts)
+    solved = {(r["id"], r["strategy"]) for r in rows if r["correct"]}
     rates = {}
     for s, asked in judged.items():
         if asked is None:
             rates[s] = None
             print(f"{source} {s}: skipped (no socratic rationales: train_socratic missing)")
-        else:
-            n = sum((q["id"], s) in solved for q in asked)
-            rates[s] = (n, len(asked))
-            print(
-                f"{source} {s}: {n}/{len(asked)} questions with a correct solution "
-                f"({100 * n / max(len(asked), 1):.2f}%)"
-            )
+            continue
+        n = sum((q["id"], s) in solved for q in asked)
+        rates[s] = (n, len(asked))
+        pct = 100 * n / max(len(asked), 1)
+        print(f"{source} {s}: {n}/{len(asked)} questions with a correct solution ({pct:.2f}%)")
     sys.stdout.flush()
     return rates
 
@@ -223,10 +203,6 @@ def gold_teacher(
 # ------------------------------------------------------------------------------------ HTTP teacher
 
 
-class _HTTPStatus(Exception):
-    """(code, detail) of a 4xx that is neither auth nor 404: complete() retries a 400 without n."""
-
-
 class ChatClient:
     """A minimal OpenAI-compatible chat-completions client (urllib only) with retries."""
 
@@ -238,19 +214,17 @@ class ChatClient:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.model, self.timeout_s = model, timeout_s
         self.retries, self.backoff_s = retries, backoff_s
-        self.n_supported, self._lock = True, threading.Lock()
+        self.n_supported = True
 
-    def post(self, body: dict) -> dict:
-        """The decoded JSON answer. Retries 429/5xx/timeouts/dropped connections; raises
-        _HTTPStatus for other 4xx and TeacherError for the rest."""
-        url, data, last, retry_after = self.endpoint, json.dumps(body).encode(), "", None
+    def post(self, body: dict) -> list[str] | None:
+        """The answer's texts, or None where a 400 refused `n`. Retries 429, 5xx, timeouts and
+        dropped connections with backoff; anything else is a TeacherError."""
+        url, data, last, wait_s = self.endpoint, json.dumps(body).encode(), "", 0.0
         for attempt in range(self.retries + 1):
             if attempt:
-                delay = self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random() / 2)  # jitter
-                if retry_after and retry_after.strip().isdigit():
-                    delay = max(delay, min(float(retry_after), 60.0))
-                time.sleep(delay)
-            retry_after = None
+                backoff = self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random() / 2)
+                time.sleep(max(backoff, wait_s))  # jittered, and never before Retry-After
+            wait_s = 0.0
             req = urllib.request.Request(url, data, self.headers, method="POST")
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
@@ -258,14 +232,21 @@ class ChatClient:
                 break
             except urllib.error.HTTPError as e:
                 detail = _error_detail(e)
+                last = f"HTTP {e.code} {detail}"
+                if e.code == 429 or e.code >= 500:
+                    retry_after = e.headers.get("Retry-After", "").strip()
+                    wait_s = min(float(retry_after), 60.0) if retry_after.isdigit() else 0.0
+                    continue
+                if e.code == 400 and "n" in body:  # perhaps `n` itself: single samples from now on
+                    self.n_supported = False
+                    msg = f"refused n={body['n']} ({detail}): one request per sample from now on"
+                    prepare.note(f"teacher: {url} {msg}")
+                    return None
                 key = "--teacher-key or OPENAI_API_KEY"
                 where = f"--teacher-url (the server's .../v1) and --teacher-model {self.model!r}"
                 check = {401: key, 403: key, 404: where}.get(e.code)
-                if check:
-                    raise TeacherError(f"{url}: HTTP {e.code} {detail}: check {check}") from None
-                if e.code != 429 and e.code < 500:
-                    raise _HTTPStatus(e.code, detail) from None
-                last, retry_after = f"HTTP {e.code} {detail}", e.headers.get("Retry-After")
+                hint = f": check {check}" if check else ""
+                raise TeacherError(f"{url}: {last}{hint}") from None
             except (urllib.error.URLError, TimeoutError) as e:  # a timeout, or no server at all
                 if not isinstance(getattr(e, "reason", e), TimeoutError):
                     raise TeacherError(f"{url}: unreachable ({e.reason})") from None
@@ -275,9 +256,19 @@ class ChatClient:
         else:
             raise TeacherError(f"{url}: gave up after {self.retries + 1} attempts: {last}")
         try:
-            return json.loads(raw)
+            answer = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise TeacherError(f"{url}: malformed response (not JSON): {raw[:120]!r}") from None
+        try:
+            texts = [c["message"]["content"] or "" for c in answer["choices"]]
+        except (TypeError, KeyError):
+            texts = []
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TeacherError(
+                f"{url}: malformed response (no choices[].message.content): "
+                f"{json.dumps(answer)[:120]}"
+            )
+        return texts
 
     def complete(self, messages: list[dict], n: int, **sampling) -> list[str]:
         """n completions of one chat, in one request where the server accepts `n`."""
@@ -287,21 +278,7 @@ class ChatClient:
             body = {"model": self.model, "messages": messages, **sampling}
             if k > 1:
                 body["n"] = k
-            try:
-                answer = self.post(body)
-            except _HTTPStatus as e:
-                code, detail = e.args
-                if code != 400 or k == 1:
-                    raise TeacherError(f"{self.endpoint}: HTTP {code} {detail}") from None
-                with self._lock:  # perhaps `n` itself was refused: single samples from now on
-                    if self.n_supported:
-                        self.n_supported = False
-                        prepare.note(
-                            f"teacher: {self.endpoint} refused n={k} ({detail}): "
-                            "one request per sample from now on"
-                        )
-                continue
-            texts += _choice_texts(answer, self.endpoint)[:k]
+            texts += (self.post(body) or [])[:k]  # None (n refused) or too few: ask again
         return texts
 
 
@@ -316,19 +293,6 @@ def _error_detail(e: urllib.error.HTTPError) -> str:
         pass
     body = " ".join(body.split())[:200]
     return f"{e.reason}: {body}" if body else str(e.reason)
-
-
-def _choice_texts(answer: object, endpoint: str) -> list[str]:
-    try:
-        texts = [c["message"]["content"] or "" for c in answer["choices"]]
-    except (TypeError, KeyError):
-        texts = []
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise TeacherError(
-            f"{endpoint}: malformed response (no choices[].message.content): "
-            f"{json.dumps(answer)[:120]}"
-        )
-    return texts
 
 
 def http_teacher(
@@ -347,31 +311,21 @@ def http_teacher(
     sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
     source = f"http:{model}"
 
-    def ask(q: dict, s: str) -> list[str]:
-        return client.complete(strategies.teacher_messages(q["question"], s), n, **sampling)
+    def ask(q: dict) -> dict[str, list[tuple[str, str]]]:
+        messages = {s: strategies.teacher_messages(q["question"], s) for s in strategies_}
+        replies = {s: client.complete(messages[s], n, **sampling) for s in strategies_}
+        return {q["id"]: [(s, clean_text(t, s)) for s in strategies_ for t in replies[s]]}
 
     def solve(todo: list[dict]) -> Iterable[list[dict]]:
-        work = iter([(q, s) for q in todo for s in strategies_])
-        replies: dict[str, list[tuple[str, str]]] = {}
-        pending: dict[Future, tuple[dict, str]] = {}
+        # workers questions at a time, each written as soon as it is answered (a chunk of one)
         pool = ThreadPoolExecutor(max_workers=workers)
         try:
-            while True:
-                # a bounded queue, so that an error stops the stage early
-                for item in islice(work, 2 * workers - len(pending)):
-                    pending[pool.submit(ask, *item)] = item
-                if not pending:
-                    break
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    q, s = pending.pop(future)
-                    texts = future.result()  # a TeacherError stops the stage here
-                    replies.setdefault(q["id"], []).extend((s, clean_text(t, s)) for t in texts)
-                    if len(replies[q["id"]]) == n * len(strategies_):
-                        got = sorted(replies.pop(q["id"]), key=lambda r: strategies_.index(r[0]))
-                        yield verify_rows([q], {q["id"]: got}, source, rel_tol)
+            asked = {pool.submit(ask, q): q for q in todo}
+            for future in as_completed(asked):
+                texts = future.result()  # a TeacherError stops the stage here
+                yield verify_rows([asked[future]], texts, source, rel_tol)
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)  # questions not started are dropped
 
     judged = dict.fromkeys(strategies_, questions)
     return _run_stage(questions, out_path, source, solve, progress, judged)
@@ -384,8 +338,8 @@ def local_teacher(
     questions: list[dict], out_path: str | Path, model_name: str, *,
     strategies_: Iterable[str] = STRATEGY_NAMES, n: int = 10, temperature: float = 0.7,
     top_p: float = 0.95, max_new_tokens: int = 512, questions_per_chunk: int = 4,
-    batch_size: int | None = None, seed: int = 0, device: str | None = None,
-    dtype: str | None = None, rel_tol: float = 1e-4, progress: bool = True,
+    batch_size: int = 64, seed: int = 0, device: str | None = None, dtype: str | None = None,
+    rel_tol: float = 1e-4, progress: bool = True,
 ) -> dict[str, tuple[int, int]]:  # fmt: skip
     """Sample n solutions per question and strategy from a local model through sample.py.
     Default device cuda where available, else cpu; dtype bfloat16 on cuda, float32 on cpu (faster
@@ -403,9 +357,7 @@ def local_teacher(
     tok = model_py.Tokenizer.from_pretrained(model_name)
     source = f"local:{Path(model_name).name if Path(model_name).exists() else model_name}"
     sampling = dict(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    sampling["progress"] = False
-    if batch_size:
-        sampling["batch_size"] = batch_size
+    sampling.update(batch_size=batch_size, progress=False)
 
     def solve(todo: list[dict]) -> Iterable[list[dict]]:
         for start in range(0, len(todo), questions_per_chunk):
@@ -455,7 +407,7 @@ if __name__ == "__main__":
     which.add_argument("--local", help="a local model: alias, HF repo id or folder")
     parser.add_argument("--teacher-model", help="model name on the server (with --teacher-url)")
     parser.add_argument("--teacher-key", help="API key (default: $OPENAI_API_KEY)")
-    parser.add_argument("--out", required=True, help="output JSONL (resumed from <out>.partial)")
+    parser.add_argument("--out", required=True, help="output JSONL (resumed from <out>.parts/)")
     parser.add_argument("--split", default="train", help="GSM8K split the questions come from")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument(
@@ -473,9 +425,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--data", default=None, help="dataset folder (default: $SIKED_DATA)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (local teacher)")
-    parser.add_argument(
-        "--dtype", help="local teacher weights (default: bfloat16 on cuda, else float32)"
-    )
+    parser.add_argument("--dtype", help="--local dtype (default: bfloat16 on cuda, else float32)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     try:
         main(parser.parse_args())

@@ -47,7 +47,7 @@ def gold_run(train, tmp_path_factory):
 
 def test_gold_teacher_whole_train(train, gold_run, capsys):
     path, rates = gold_run
-    assert not path.with_name(path.name + ".partial").exists()
+    assert not path.with_name(path.name + ".parts").exists()
     rows = teacher.read_rows(path)
     assert all(list(r) == FIELDS and r["source"] == "gold" for r in rows)
     keys = [(r["id"], r["strategy"]) for r in rows]
@@ -92,52 +92,60 @@ def test_select_teacher():
     assert [r["text"] for r in teacher.select_teacher(rows)] == ["a1", "a3", "b0"]
 
 
-def test_resume_drops_torn_line_and_redoes_last_question(train, gold_run, tmp_path):
+def test_resume_keeps_finished_chunks(train, gold_run, tmp_path):
     questions = train[:30]
-    reference = [
-        r for r in teacher.read_rows(gold_run[0]) if r["id"] in {q["id"] for q in questions}
-    ]
-    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in reference]
+    gold = teacher.read_rows(gold_run[0])
+    by_id = [[r for r in gold if r["id"] == q["id"]] for q in questions]
     out = tmp_path / "gold.jsonl"
-    partial = out.with_name("gold.jsonl.partial")
-    # Cut inside a question (its CoT line written, its PoT line not) and inside a line.
-    assert [r["strategy"] for r in reference[30:32]] == ["cot", "pot"]
-    for cut in (31, 30):
-        partial.write_text("".join(lines[:cut]) + lines[cut][:25])
-        out.unlink(missing_ok=True)
-        teacher.gold_teacher(questions, out, chunk_size=4, progress=False)
-        assert teacher.read_rows(out) == reference and not partial.exists()
+    parts = out.with_name("gold.jsonl.parts")
+    # A killed run: a finished chunk of 8 questions (marked, to see that they are not redone) and
+    # the next chunk's file torn mid-write, not yet renamed.
+    finished = [dict(r, text="kept " + r["text"]) for rows in by_id[:8] for r in rows]
+    expected = finished + [r for rows in by_id[8:] for r in rows]
+    parts.mkdir()
+    (parts / "000000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in finished))
+    (parts / "000001.jsonl.x7f3.part").write_text(json.dumps(by_id[8][0])[:25])
+    teacher.gold_teacher(questions, out, chunk_size=4, progress=False)
+    assert teacher.read_rows(out) == expected and not parts.exists()
+    # Killed after writing out, before removing the chunks: they are not added twice.
+    parts.mkdir()
+    (parts / "000000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in finished))
+    teacher.gold_teacher(questions, out, progress=False)
+    assert teacher.read_rows(out) == expected and not parts.exists()
     # A finished file asked for more questions continues; asked again, it stays as it is.
     more = train[:40]
     teacher.gold_teacher(more, out, progress=False)
     again = teacher.read_rows(out)
-    assert again[: len(reference)] == reference
-    assert [r["id"] for r in again] == [
-        r["id"] for r in teacher.read_rows(gold_run[0]) if r["id"] in {q["id"] for q in more}
-    ]
+    assert again[: len(expected)] == expected
+    assert [r["id"] for r in again] == [r["id"] for r in gold if r["id"] in {q["id"] for q in more}]
     teacher.gold_teacher(more, out, progress=False)
     assert teacher.read_rows(out) == again
-    # Another teacher's partial is not mixed in.
-    partial.write_text(json.dumps(dict(reference[0], source="http:m")) + "\n")
-    with pytest.raises(ValueError, match=r"written by teacher 'http:m', not 'gold'"):
+    # Another teacher's rows are not mixed in, and a damaged chunk is named.
+    parts.mkdir()
+    (parts / "000000.jsonl").write_text(json.dumps(dict(gold[0], source="http:m")) + "\n")
+    with pytest.raises(ValueError, match=r"000000.jsonl: written by teacher 'http:m', not 'gold'"):
         teacher.gold_teacher(more, out, progress=False)
+    (parts / "000000.jsonl").write_text("{oops\n")
+    with pytest.raises(ValueError, match=r"000000.jsonl: not valid JSON"):
+        teacher.gold_teacher(more, out, progress=False)
+    assert teacher.read_rows(out) == again
 
 
 def test_kill_9_mid_stage_then_rerun(train, gold_run, tmp_path):
     limit = 1500
     out = tmp_path / "gold.jsonl"
-    partial = out.with_name("gold.jsonl.partial")
+    parts = out.with_name("gold.jsonl.parts")
     cmd = [sys.executable, str(ROOT / "data" / "teacher.py"), "--gold", "--out", str(out)]
     cmd += ["--limit", str(limit), "--data", str(SHARED), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
-    while not (partial.exists() and partial.stat().st_size > 0) and time.time() < deadline:
+    while not any(parts.glob("*.jsonl")) and time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read().decode()
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)  # somewhere after the first chunk, before the last
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not out.exists()
-    written = partial.read_bytes().count(b"\n")
+    written = sum(p.read_bytes().count(b"\n") for p in parts.glob("*.jsonl"))
     assert 0 < written
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -289,7 +297,7 @@ def test_http_500_retried_then_fails_cleanly(train, tmp_path, fake_server):
     )
     assert len(server.requests) == 3
     assert not (tmp_path / "t.jsonl").exists()
-    assert (tmp_path / "t.jsonl.partial").read_text() == ""  # nothing half-done; a rerun resumes
+    assert not any((tmp_path / "t.jsonl.parts").iterdir())  # nothing half-done; a rerun resumes
 
 
 @pytest.mark.parametrize(
@@ -357,6 +365,22 @@ def test_http_n_fallbacks(train, tmp_path, fake_server, capsys):
     run_http(train, tmp_path / "ignores", server.url, n=3)
     assert [b.get("n") for _, _, b in server.requests] == [3, 2, None]
     assert len(teacher.read_rows(tmp_path / "ignores" / "t.jsonl")) == 3
+
+
+def test_http_many_questions_in_parallel(train, tmp_path, fake_server):
+    server = fake_server(lambda i, b: (*ok(i, b)[:3], 0.05 * (i % 3)))  # answers out of order
+    questions, strategies_ = train[:6], ["pot", "cot"]
+    run = dict(strategies_=strategies_, n=2, workers=3, progress=False)
+    teacher.http_teacher(questions, tmp_path / "t.jsonl", server.url, "teach", **run)
+    rows = teacher.read_rows(tmp_path / "t.jsonl")
+    # in question order, not in the order the answers came in; each question in strategy order
+    assert [(r["id"], r["strategy"]) for r in rows] == [
+        (q["id"], s) for q in questions for s in strategies_ for _ in range(2)
+    ]
+    assert len(server.requests) == 12
+    # a rerun asks for nothing
+    teacher.http_teacher(questions, tmp_path / "t.jsonl", server.url, "teach", **run)
+    assert len(server.requests) == 12 and teacher.read_rows(tmp_path / "t.jsonl") == rows
 
 
 def test_http_unreachable(train, tmp_path):
