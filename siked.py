@@ -86,65 +86,6 @@ from model import ModelConfig, Tokenizer, Transformer, resolve_checkpoint
 # ----------------------------------------------------------------------------------------- config
 
 
-@dataclass
-class RunConfig:
-    """One run. Defaults are the paper's settings (SPEC.md section 2, from [R]'s configs)."""
-
-    model: str = "smollm-1.7b"  # alias (model.ALIASES), HF repo id or local folder
-    run_name: str | None = None  # default: derived from the model and the variant flags
-    runs_dir: str = "runs"
-    # data
-    strategies: tuple[str, ...] = ("cot", "l2m", "pot")  # one strategy: untagged baseline
-    train_limit: int | None = None  # training questions, after the held-out split (None: ~6,726)
-    heldout_frac: float = 0.1  # of GSM8K train, for choosing an iteration only
-    eval_sets: tuple[str, ...] = ("gsm8k", "svamp", "asdiv", "multiarith")
-    eval_limit: int | None = None  # questions per eval set (a seeded random subset)
-    rel_tol: float = 1e-4
-    # teacher
-    teacher_url: str | None = None  # OpenAI-compatible server, with teacher_model
-    teacher_model: str | None = None
-    teacher_local: str | None = None  # a model run in-process by data/teacher.py
-    teacher_samples: int = 10  # per (question, strategy), LLM teachers only
-    # the SIKeD iterations
-    iterations: int = 3  # iteration 1 = distillation on teacher data
-    samples: int = 10  # student samples per (question, strategy)
-    sampling: str = "forced"  # forced: each strategy's tag written for it; free: the student picks
-    temperature: float = 0.7
-    top_p: float = 0.95
-    sample_max_new_tokens: int = 512
-    eval_max_new_tokens: int = 1024
-    mix: str = "adaptive"  # adaptive: teacher rows only where the student failed; all: the union
-    mix_rate: float | None = None  # force alpha by subsampling the teacher part
-    bias: str | None = None  # biased SIKeD: one solution per question, by BIAS_ORDERS
-    off_policy: bool = False  # extra teacher samples in place of the student's own
-    from_base: bool = False  # retrain from the base model every iteration (ablation)
-    # training
-    full_finetune: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lr: float | None = None  # None: 2e-4, 3e-4 for the qwen2 family
-    warmup_steps: int = 5
-    weight_decay: float = 0.01
-    batch_size: int = 8  # packed sequences per optimizer step, over all ranks
-    micro_batch_size: int = 2  # per forward/backward; accumulation makes up the rest
-    epochs: int = 3
-    max_seq_len: int = 1024
-    loss_on: str = "all"  # all: prompt + response as [R]; response: the solution tokens only
-    grad_clip: float = 1.0
-    ckpt_every: int = 50  # optimizer steps between resumable checkpoints
-    activation_checkpointing: bool = False
-    fsdp: bool = False  # under torchrun: shard weights, grads, optimizer state (FSDP2), not DDP
-    # system
-    seed: int = 42
-    device: str = "auto"
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    compile: bool = False
-    chunk_size: int = 256  # sequences per sampling/evaluation chunk (the unit of resumption)
-    gen_batch_size: int = 64  # sequences per sample.generate batch
-    quick: bool = False
-    only: str | None = None
-
-
 # --quick: a small run that finishes on a laptop CPU in minutes (parse_args fills these in where
 # no flag is given; RunConfig(quick=True) alone only labels a run as quick).
 QUICK = dict(train_limit=100, eval_limit=20, iterations=2, samples=1, epochs=1,
@@ -155,6 +96,100 @@ BIAS_ORDERS = {
     "l2m": ("l2m", "pot", "cot"),
 }
 STAGES = ("teacher", "train", "eval", "sample", "filter", "mix", "report")
+
+
+def arg(default, help: str, choices: tuple[str, ...] | None = None, group: str | None = None):
+    """A RunConfig field that parse_args makes a flag; `group` starts a group of flags there."""
+    metadata = {"help": help, "choices": choices, "group": group}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass
+class RunConfig:
+    """One run, a flag per field. Defaults are the paper's settings (SPEC.md section 2, from [R]'s
+    configs)."""
+
+    model: str = arg(
+        "smollm-1.7b", "alias (model.ALIASES), HF repo id or local folder", group="model and run"
+    )
+    run_name: str | None = arg(None, "folder under --runs-dir (default: model and variant flags)")
+    runs_dir: str = arg("runs", "where runs live")
+    quick: bool = arg(False, f"a small run for a laptop CPU, minutes with a 135M model: {QUICK}")
+    only: str | None = arg(None, "run only this stage, wherever its inputs are finished", STAGES)
+    strategies: tuple[str, ...] = arg(
+        ("cot", "l2m", "pot"),
+        "comma list of cot,l2m,pot; one alone: its untagged baseline",
+        group="data and teacher",
+    )
+    train_limit: int | None = arg(None, "training questions, of those not held out (default: all)")
+    heldout_frac: float = arg(0.1, "share of GSM8K train held out, only to choose an iteration")
+    eval_sets: tuple[str, ...] = arg(
+        ("gsm8k", "svamp", "asdiv", "multiarith"), "comma list of gsm8k,svamp,asdiv,multiarith"
+    )
+    eval_limit: int | None = arg(None, "questions per eval set, a seeded subset (default: all)")
+    rel_tol: float = arg(1e-4, "relative tolerance of an answer; 0: exact, as the paper")
+    teacher_url: str | None = arg(None, "OpenAI-compatible teacher server (default: gold teacher)")
+    teacher_model: str | None = arg(None, "the teacher's model name on that server")
+    teacher_local: str | None = arg(None, "a teacher model (alias or folder) run in-process")
+    teacher_samples: int = arg(10, "samples per question and strategy from an LLM teacher")
+    iterations: int = arg(
+        3, "T: iteration 1 distils the teacher data, 2..T are SIKeD's", group="SIKeD iterations"
+    )
+    samples: int = arg(10, "student samples per question and strategy")
+    sampling: str = arg(
+        "forced", "forced: each strategy's tag given; free: the student picks", ("forced", "free")
+    )
+    temperature: float = arg(0.7, "sampling temperature")
+    top_p: float = arg(0.95, "sampling nucleus")
+    sample_max_new_tokens: int = 512  # both set by --max-new-tokens
+    eval_max_new_tokens: int = 1024
+    mix: str = arg(
+        "adaptive",
+        "adaptive: teacher rows only where the student failed; all: the union",
+        ("adaptive", "all"),
+    )
+    mix_rate: float | None = arg(None, "force alpha (the teacher share) by sampling teacher rows")
+    bias: str | None = arg(
+        None, "biased SIKeD: one solution per question, this strategy first", tuple(BIAS_ORDERS)
+    )
+    off_policy: bool = arg(False, "extra teacher samples in place of the student's own")
+    from_base: bool = arg(False, "retrain from the base model every iteration, not continually")
+    full_finetune: bool = arg(False, "train every weight, not a LoRA adapter", group="training")
+    lora_r: int = arg(16, "LoRA rank")
+    lora_alpha: int = arg(32, "LoRA alpha (scale alpha / r)")
+    lr: float | None = arg(None, "peak learning rate (default: 2e-4, 3e-4 for the qwen2 family)")
+    warmup_steps: int = arg(5, "linear warmup steps")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    batch_size: int = arg(8, "packed sequences per optimizer step, over all processes")
+    micro_batch_size: int = arg(2, "sequences per forward/backward (gradient accumulation)")
+    epochs: int = arg(3, "epochs per iteration")
+    max_seq_len: int = arg(1024, "tokens per packed sequence")
+    loss_on: str = arg(
+        "all",
+        "all: prompt and response, as the authors; response: the solution only",
+        ("all", "response"),
+    )
+    grad_clip: float = arg(1.0, "gradient norm clipping (0: off)")
+    ckpt_every: int = arg(50, "optimizer steps between resumable checkpoints")
+    activation_checkpointing: bool = arg(False, "recompute each block in the backward pass")
+    fsdp: bool = arg(
+        False,
+        "under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP "
+        "replicas, for a student that does not fit one device",
+    )
+    seed: int = arg(42, "seed of the split, data order, LoRA's init, sampling", group="system")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = arg(
+        "auto",
+        "weights and autocast; auto: bfloat16 on CUDA, float32 on CPU",
+        ("auto", "float32", "bfloat16"),
+    )
+    compile: bool = arg(False, "torch.compile the model for training and sample.py's decode step")
+    chunk_size: int = arg(256, "sequences per sampling/evaluation chunk, the unit of resumption")
+    gen_batch_size: int = arg(64, "sequences decoded together by sample.generate")
+
+
+TYPES = {"train_limit": int, "eval_limit": int, "lr": float, "mix_rate": float}  # default None
 # Settings a rerun into an existing run folder may change: where it is, what runs now, how far.
 RERUN_FREE = ("run_name", "runs_dir", "only", "iterations", "fsdp")  # fsdp: same math as DDP
 # SPEC.md section 4: SIKeD minus the best traditional distillation baseline, accuracy points.
@@ -285,7 +320,7 @@ def add_lora(model: nn.Module, r: int, alpha: float, seed: int) -> list[nn.Param
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its weight, W + (alpha / r) B A in fp32, and put the plain
     nn.Linear back: the model saves as an ordinary checkpoint."""
     for module in list(model.modules()):
@@ -295,7 +330,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 delta = child.scale * (child.lora_B.float() @ child.lora_A.float())  # (out, in)
                 W.copy_((W.float() + delta).to(W.dtype))
                 setattr(module, name, child.base)
-    return model
 
 
 # ---------------------------------------------------------------------------------------- packing
@@ -328,10 +362,9 @@ def pack(lengths: list[int], max_seq_len: int) -> list[list[int]]:
 
 
 def make_batch(examples: list[Example], bins: list[list[int]], loss_on: str, pad_id: int):
-    """Packed sequences -> tokens, targets (-100 = no loss), input_pos and the attention mask.
-    Each example predicts its own next tokens only; input_pos restarts at 0 per example, and the
-    mask is block-diagonal causal: token i attends to j iff both belong to the same example and
-    j <= i. Padding forms one more block so that no query row is all False (SDPA would give NaN)."""
+    """Packed sequences -> tokens, targets (-100: no loss), input_pos (from 0 per example) and a
+    block-diagonal causal mask: each example sees and predicts only itself. Padding is one more
+    block, so that no query row is all False (SDPA would give NaN)."""
     B = len(bins)
     T = max(sum(len(examples[i].ids) for i in b) for b in bins)
     tokens = torch.full((B, T), pad_id, dtype=torch.long)
@@ -377,13 +410,11 @@ def get_lr(step: int, total_steps: int, lr: float, warmup_steps: int) -> float:
 def train(model: Transformer, examples: list[Example], cfg: RunConfig, device: torch.device,
           d: Dist | None = None, ckpt_path: Path | None = None, desc: str = "train", log=print,
           pad_id: int = 0) -> dict:  # fmt: skip
-    """Fine-tune the trainable weights on packed examples. A step is cfg.batch_size sequences over
-    all ranks (every world-th each, in micro-batches); its loss is summed over the global batch and
-    divided by its loss tokens, so the cut into ranks and micro-batches does not matter. Resumes
-    from ckpt_path (trainable weights, optimizer, step), written every cfg.ckpt_every steps."""
+    """Fine-tune the trainable weights on packed examples, cfg.batch_size sequences per step over
+    all ranks; the loss is summed over the global batch and divided by its loss tokens, so the cut
+    into ranks and micro-batches does not matter. Resumes from ckpt_path, saved every ckpt_every."""
     d = d or Dist()
-    lr = cfg.lr
-    assert lr is not None, "resolve cfg.lr first (resolve_lr)"
+    assert cfg.lr is not None, "resolve cfg.lr first (resolve_lr)"
     fsdp = cfg.fsdp and d.world > 1
     if fsdp:  # one all-gather per block; the optimizer must then see the sharded parameters
         for layer in model.model.layers:
@@ -394,7 +425,7 @@ def train(model: Transformer, examples: list[Example], cfg: RunConfig, device: t
         {"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
     # the data: a seeded shuffle, packed once; the packed sequences are reshuffled every epoch
     order = list(range(len(examples)))
@@ -447,7 +478,7 @@ def train(model: Transformer, examples: list[Example], cfg: RunConfig, device: t
         n_micro = max(1, math.ceil(math.ceil(len(batch) / d.world) / mbs))
         micro += [None] * (n_micro - len(micro))
         for g in opt.param_groups:
-            g["lr"] = get_lr(step, total_steps, lr, cfg.warmup_steps)
+            g["lr"] = get_lr(step, total_steps, cfg.lr, cfg.warmup_steps)
         loss_sum = torch.zeros((), device=device)
         for j, mb in enumerate(micro):
             sync = j == len(micro) - 1  # gradients are reduced on the last micro-batch only
@@ -506,10 +537,9 @@ def train(model: Transformer, examples: list[Example], cfg: RunConfig, device: t
 
 def mix(teacher_rows: list[dict], self_rows: list[dict], mode: str = "adaptive",
         mix_rate: float | None = None, seed: int = 42) -> tuple[list[dict], float]:  # fmt: skip
-    """An iteration's training set from D_LLM and D_self (one row per (id, strategy) each), and
-    alpha, its teacher share (SPEC 1.4.3). adaptive: teacher rows only for the pairs the student
-    did not solve; all: every one. mix_rate forces alpha by sampling that teacher part, as close
-    as its size allows (1.0: teacher part only)."""
+    """An iteration's training set from D_LLM and D_self, and alpha, its teacher share (SPEC 1.4.3).
+    adaptive: teacher rows only for the (id, strategy) pairs the student did not solve; all: every
+    one. mix_rate forces alpha by sampling that teacher part, as near as its size allows."""
     solved = {(r["id"], r["strategy"]) for r in self_rows}
     if mode == "adaptive":
         pool = [r for r in teacher_rows if (r["id"], r["strategy"]) not in solved]
@@ -536,12 +566,8 @@ def apply_bias(rows: list[dict], order: tuple[str, ...]) -> list[dict]:
     one (ties within a strategy: the first row)."""
     rank = {s: i for i, s in enumerate(order)}
     best: dict[str, dict] = {}
-    for r in rows:
-        if r["strategy"] not in rank:
-            continue
-        b = best.get(r["id"])
-        if b is None or rank[r["strategy"]] < rank[b["strategy"]]:
-            best[r["id"]] = r
+    for r in sorted((r for r in rows if r["strategy"] in rank), key=lambda r: rank[r["strategy"]]):
+        best.setdefault(r["id"], r)  # sorted() is stable: ties keep their order
     return [r for r in rows if best.get(r["id"]) is r]
 
 
@@ -601,38 +627,30 @@ class Run:
         """The configured strategies the teacher has solutions for (teacher stage's DONE)."""
         return read_json(self.dir / "teacher" / "DONE")["strategies"]
 
-    def weights_dtype(self, training: bool = False) -> torch.dtype:
-        # full fine-tuning keeps fp32 master weights under bf16 autocast; LoRA trains fp32
-        # adapters on a frozen base in the run's dtype (the paper: 16-bit base weights)
-        fp32 = training and self.cfg.full_finetune
-        return torch.float32 if fp32 else getattr(torch, self.cfg.dtype)
-
     def generate(self, model, prompts, n, max_new_tokens, temperature=0.0, seed=None):
         """sample.generate with the run's nucleus, batch size and stop strings."""
         top_p = self.cfg.top_p if temperature > 0 else 1.0
-        batch_size, progress = self.cfg.gen_batch_size, self.d.main
         return sample.generate(model, self.tok, prompts, n=n, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, stop=S.STOP, seed=seed,
-                               batch_size=batch_size, progress=progress,
+                               batch_size=self.cfg.gen_batch_size, progress=self.d.main,
                                compile=self.cfg.compile)  # fmt: skip
 
-    def load_model(self, name_or_path: str | Path, training: bool = False) -> Transformer:
-        dtype, device = self.weights_dtype(training), str(self.device)
-        return Transformer.from_pretrained(str(name_or_path), device=device, dtype=dtype).eval()
+    def load_model(self, path: str | Path, training: bool = False) -> Transformer:
+        # full fine-tuning keeps fp32 master weights under bf16 autocast; LoRA trains fp32
+        # adapters on a frozen base in the run's dtype (the paper: 16-bit base weights)
+        fp32 = training and self.cfg.full_finetune
+        dtype = torch.float32 if fp32 else getattr(torch, self.cfg.dtype)
+        return Transformer.from_pretrained(str(path), device=str(self.device), dtype=dtype).eval()
 
     def student(self, t: int) -> Path:
         return self.dir / f"iter{t}" / "train" / "student"
 
 
 def teacher_rows(R: Run) -> list[dict]:
-    """D_LLM: the teacher's selected solutions for the training questions and strategies."""
-    ids, strategies = set(R.train_ids), set(R.strategies)
+    """D_LLM: the teacher's selected solutions (the training questions and kept strategies only:
+    the teacher stage saw no others), each row marked as the teacher's."""
     rows = read_jsonl(R.dir / "teacher" / "selected.jsonl")
-    return [
-        dict(r, source="teacher", teacher=r["source"], iteration=0)
-        for r in rows
-        if r["id"] in ids and r["strategy"] in strategies
-    ]
+    return [dict(r, source="teacher", teacher=r["source"], iteration=0) for r in rows]
 
 
 def per_strategy(strategies=None, **groups: list[dict]) -> dict[str, dict[str, int]]:
@@ -644,10 +662,11 @@ def per_strategy(strategies=None, **groups: list[dict]) -> dict[str, dict[str, i
     return {s: {name: c[s] for name, c in counts.items()} for s in strategies}
 
 
-def run_chunks(R: Run, folder: Path, items: list, cs: int, load, generate_chunk, desc: str):
-    """Generate items in chunks of cs, rank r the chunks i = r mod world not on disk yet, each
-    written as one atomic JSONL file (a crash loses only the chunk in progress). Rank 0 returns
+def run_chunks(R: Run, folder: Path, items: list, cs: int, student: Path, generate_chunk):
+    """Generate items in chunks of cs with the student, rank r the chunks i = r mod world not on
+    disk yet, each an atomic JSONL file (a crash loses only the chunk in progress). Rank 0 returns
     every row in order and this attempt's tokens/s; the other ranks (None, None)."""
+    desc = " ".join(folder.relative_to(R.dir).parts)  # iterT sample, iterT eval
     paths = [folder / "chunks" / f"{i:05d}.jsonl" for i in range(math.ceil(len(items) / cs))]
     todo = [i for i in range(len(paths)) if i % R.d.world == R.d.rank and not paths[i].is_file()]
     n_done = sum(p.is_file() for p in paths)
@@ -655,7 +674,7 @@ def run_chunks(R: Run, folder: Path, items: list, cs: int, load, generate_chunk,
         R.log(f"{desc}: {n_done}/{len(paths)} chunks already on disk, resuming")
     t0, n_tokens = time.time(), 0
     if todo:
-        model = load()
+        model = R.load_model(student)
         t0 = time.time()  # throughput of generation, not of loading
         for i in todo:
             rows = generate_chunk(model, items[i * cs : (i + 1) * cs], i)
@@ -729,12 +748,9 @@ def stage_teacher(R: Run, folder: Path, t: int = 0) -> dict:
     correct = [r for r in all_rows if r["correct"]]
     per = per_strategy(cfg.strategies, rows=all_rows, correct=correct, selected=selected)
     kept = [s for s in cfg.strategies if per[s]["selected"]]
-    for s in cfg.strategies:
-        if s not in kept:
-            R.log(
-                f"teacher: no {s} solutions (for l2m the gold teacher needs GSM8K train_socratic):"
-                f" {s} is dropped from this run"
-            )
+    for s in [s for s in cfg.strategies if s not in kept]:
+        R.log(f"teacher: no {s} solutions (for l2m the gold teacher needs GSM8K train_socratic): "
+              f"{s} is dropped from this run")  # fmt: skip
     if not kept:
         fail("teacher: no correct teacher solution for any strategy")
     R.log(f"teacher ({source}): {len(selected)} solutions for {len(rows)} questions: {per}")
@@ -784,11 +800,9 @@ def stage_train(R: Run, folder: Path, t: int) -> dict:
     if R.d.main:
         if not cfg.full_finetune:
             merge_lora(model)
-        model.to(R.weights_dtype()).save_pretrained(folder / "student", tokenizer=R.tok)
-        R.log(
-            f"iter{t} train: loss {stats['first_loss']:.4f} -> {stats['final_loss']:.4f}, "
-            f"student saved in {folder / 'student'}"
-        )
+        model.to(getattr(torch, cfg.dtype)).save_pretrained(folder / "student", tokenizer=R.tok)
+        R.log(f"iter{t} train: loss {stats['first_loss']:.4f} -> {stats['final_loss']:.4f}, "
+              f"student saved in {folder / 'student'}")  # fmt: skip
     per = dict(sorted(Counter(r["strategy"] for r in rows).items()))
     return dict(stats, base=str(base), rows=len(rows), cut=n_cut, per_strategy=per)
 
@@ -820,9 +834,8 @@ def stage_sample(R: Run, folder: Path, t: int) -> dict:
         return rows
 
     per_question = cfg.samples * (len(strategies) if R.tagged else 1)
-    load = lambda: R.load_model(R.student(t - 1))
     size = max(1, cfg.chunk_size // per_question)
-    rows, tok_s = run_chunks(R, folder, R.train_ids, size, load, generate_chunk, f"iter{t} sample")
+    rows, tok_s = run_chunks(R, folder, R.train_ids, size, R.student(t - 1), generate_chunk)
     if not R.d.main:
         return {}
     write_jsonl(folder / "samples.jsonl", rows)
@@ -864,9 +877,8 @@ def stage_filter(R: Run, folder: Path, t: int) -> dict:
 
 
 def off_policy_rows(R: Run, self_rows: list[dict], d_llm: list[dict]) -> tuple[list[dict], dict]:
-    """--off-policy: each student row gives way to a correct teacher solution of the same
-    (question, strategy) that D_LLM does not already hold (the teacher's other samples), else to
-    D_LLM's own one; pairs the teacher never solved lose their row."""
+    """--off-policy: each student row gives way to another correct teacher sample of its (question,
+    strategy) than D_LLM's, else to D_LLM's own; pairs the teacher never solved lose their row."""
     used = {(r["id"], r["strategy"]): r for r in d_llm}
     extra: dict[tuple, dict] = {}  # the first such teacher row per pair
     for r in read_jsonl(R.dir / "teacher" / "teacher.jsonl"):
@@ -903,15 +915,11 @@ def stage_mix(R: Run, folder: Path, t: int) -> dict:
         rows = apply_bias(rows, BIAS_ORDERS[cfg.bias])
     write_jsonl(folder / "train.jsonl", rows)
     by_source = {src: [r for r in rows if r["source"] == src] for src in ("teacher", "student")}
-    n_teacher = len(by_source["teacher"])
-    n_student = len(rows) - n_teacher
+    n_teacher, n_student = len(by_source["teacher"]), len(by_source["student"])
     alpha = n_teacher / len(rows) if rows else 0.0
     if cfg.mix_rate is not None and abs(alpha_mix - cfg.mix_rate) > 0.01:
         R.log(f"iter{t} mix: --mix-rate {cfg.mix_rate} not reachable, alpha = {alpha_mix:.3f}")
-    R.log(
-        f"iter{t} mix ({cfg.mix}): {n_student} student + {n_teacher} teacher rows, "
-        f"alpha = {alpha:.3f}"
-    )
+    R.log(f"iter{t} mix ({cfg.mix}): {n_student} student + {n_teacher} teacher, alpha {alpha:.3f}")
     stats = dict(rows=len(rows), teacher_rows=n_teacher, student_rows=n_student, alpha=alpha)
     stats |= dict(alpha_mix=alpha_mix, d_llm=len(d_llm), d_self=len(d_self))
     return info | stats | dict(per_strategy=per_strategy(R.strategies, **by_source))
@@ -921,11 +929,9 @@ def eval_items(R: Run) -> list[tuple[str, dict]]:
     """(set, row) for each evaluation set, a seeded subset of --eval-limit rows each, then the
     held-out GSM8K-train questions (for choosing an iteration, not for reporting)."""
     cfg, items = R.cfg, []
-    for name in (*cfg.eval_sets, HELDOUT):
-        if name == HELDOUT:
-            rows = [R.questions[i] for i in R.heldout_ids]
-        else:
-            rows = prepare.load(name, "test", progress=False)
+    sets = {name: prepare.load(name, "test", progress=False) for name in cfg.eval_sets}
+    sets[HELDOUT] = [R.questions[i] for i in R.heldout_ids]
+    for name, rows in sets.items():
         if cfg.eval_limit is not None and len(rows) > cfg.eval_limit:
             keep = sorted(random.Random(cfg.seed).sample(range(len(rows)), cfg.eval_limit))
             rows = [rows[i] for i in keep]
@@ -953,19 +959,15 @@ def stage_eval(R: Run, folder: Path, t: int) -> dict:
             rows.append(row | dict(correct=ok, **_finish(c)))
         return rows
 
-    load, size = lambda: R.load_model(R.student(t)), cfg.chunk_size
-    rows, tok_s = run_chunks(R, folder, eval_items(R), size, load, generate_chunk, f"iter{t} eval")
+    rows, tok_s = run_chunks(R, folder, eval_items(R), cfg.chunk_size, R.student(t), generate_chunk)
     if not R.d.main:
         return {}
     results = {}
     for name in (*cfg.eval_sets, HELDOUT):
         rs = [r for r in rows if r["set"] == name]
         k, n = sum(r["correct"] for r in rs), len(rs)
-        per = {}
-        for s in sorted({r["strategy"] or "none" for r in rs}):
-            ss = [r for r in rs if (r["strategy"] or "none") == s]
-            c = sum(r["correct"] for r in ss)
-            per[s] = {"n": len(ss), "share": len(ss) / n, "correct": c, "accuracy": c / len(ss)}
+        per = per_strategy(n=rs, correct=[r for r in rs if r["correct"]])
+        per = {s: dict(v, share=v["n"] / n, accuracy=v["correct"] / v["n"]) for s, v in per.items()}
         acc = k / n if n else 0.0
         results[name] = dict(n=n, correct=k, accuracy=acc, ci95=list(wilson(k, n)), strategies=per)
     write_jsonl(folder / "predictions.jsonl", rows)
@@ -1000,43 +1002,27 @@ def write_report(R: Run) -> None:
         if f"iter{t} eval" in done
     }
     row = lambda *cells: "| " + " | ".join(map(str, cells)) + " |"
-    rule = lambda n_columns: "|---" * n_columns + "|"
+    table = lambda *columns: [row(*columns), "|---" * len(columns) + "|"]  # header and rule
 
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     L = [f"# SIKeD run `{R.dir.name}`", "", f"Rewritten {stamp} after each stage by siked.py."]
     if cfg.quick:
-        L += [
-            "",
-            "**A --quick run**: scaled down to finish in minutes on a CPU; its numbers say "
-            "the pipeline works, not what the method achieves.",
-        ]
-    variant = f"{cfg.bias}-biased SIKeD" if cfg.bias else "SIKeD (Combined start)"
-    mixing = cfg.mix + (f", forced alpha {cfg.mix_rate}" if cfg.mix_rate is not None else "")
-    adapter = f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}"
-    shown = {
-        "model": cfg.model,
-        "variant": variant if R.tagged else "single strategy (untagged)",
-        "strategies": ", ".join(cfg.strategies),
-        "teacher": done["teacher"]["source"] if "teacher" in done else "(not run yet)",
-        "iterations": cfg.iterations,
-        "mix": mixing + (", off-policy" if cfg.off_policy else ""),
-        "retraining": "from the base model" if cfg.from_base else "continual (merge, new LoRA)",
-        "training": f"{'full fine-tuning' if cfg.full_finetune else adapter}, lr {cfg.lr}, "
-        f"batch {cfg.batch_size}, {cfg.epochs} epochs, max_seq_len {cfg.max_seq_len}, "
-        f"loss on {cfg.loss_on}, {cfg.dtype}",
-        "sampling": f"{cfg.samples} per (question, strategy), {cfg.sampling}, T={cfg.temperature},"
-        f" top-p {cfg.top_p}, {cfg.sample_max_new_tokens} new tokens",
-        "evaluation": f"greedy, {cfg.eval_max_new_tokens} new tokens, rel_tol {cfg.rel_tol}, "
-        + (f"{cfg.eval_limit} questions per set" if cfg.eval_limit else "full sets"),
-        "questions": f"{len(R.train_ids)} training, {len(R.heldout_ids)} held out (GSM8K train)",
-    }
-    L += ["", "## Config", "", row("setting", "value"), rule(2)]
-    L += [row(k, v) for k, v in shown.items()]
-    L += ["", "Every setting: `config.json`."]
+        L += ["", "**A --quick run**: scaled down to finish in minutes on a CPU; its numbers say "
+              "the pipeline works, not what the method achieves."]  # fmt: skip
+    teacher_source = done["teacher"]["source"] if "teacher" in done else "(not run yet)"
+    paper = dataclasses.asdict(RunConfig())
+    changed = {k: v for k, v in dataclasses.asdict(cfg).items() if k == "model" or v != paper[k]}
+    for k in ("run_name", "runs_dir", "only"):  # where and what runs now, not the method's settings
+        changed.pop(k, None)
+    L += ["", "## Config", "", f"Teacher: {teacher_source}; {len(R.train_ids)} training "
+          f"questions, {len(R.heldout_ids)} held out (GSM8K train). The settings that differ from "
+          "the paper's (RunConfig's defaults); `config.json` has every one.", ""]  # fmt: skip
+    L += table("setting", "value")
+    L += [row(k, ",".join(v) if isinstance(v, tuple) else v) for k, v in changed.items()]
 
     L += ["", "## Data per iteration", ""]
-    L += [row("iteration", "teacher rows (D_LLM)", "self-generated kept / samples", "alpha",
-              "training rows", "packed sequences", "steps"), rule(7)]  # fmt: skip
+    L += table("iteration", "teacher rows (D_LLM)", "self-generated kept / samples", "alpha",
+               "training rows", "packed sequences", "steps")  # fmt: skip
     listing = lambda per, cell: ", ".join(f"{s} {cell(v)}" for s, v in per.items())
     for t in iters:
         tr, fi, mx = (done.get(f"iter{t} {s}") for s in ("train", "filter", "mix"))
@@ -1050,16 +1036,9 @@ def write_report(R: Run) -> None:
             ]
         L.append(row(t, *cells, *(tr[k] if tr else "" for k in ("rows", "sequences", "steps"))))
 
-    L += [
-        "",
-        "## Accuracy",
-        "",
-        f"Accuracy (%) with a 95% Wilson interval; `{HELDOUT}` is the held-out 10% of GSM8K "
-        "train, used only to choose an iteration.",
-        "",
-        row("iteration", *sets),
-        rule(len(sets) + 1),
-    ]
+    L += ["", "## Accuracy", "", f"Accuracy (%) with a 95% Wilson interval; `{HELDOUT}` is the "
+          "held-out 10% of GSM8K train, used only to choose an iteration.", ""]  # fmt: skip
+    L += table("iteration", *sets)
     pct = lambda x: f"{100 * x:.1f}"
     cell = lambda r: f"{pct(r['accuracy'])} [{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] (n={r['n']})"
     L += [row(t, *(cell(res[s]) for s in sets)) for t, res in evals.items()]
@@ -1070,24 +1049,16 @@ def write_report(R: Run) -> None:
     key = next((k for k in PAPER_GAINS if k in Path(cfg.model).name.lower()), None)
     if key:
         L.append(row(f"paper's gain ({key})", *(PAPER_GAINS[key].get(s, "") for s in sets)))
-    L += [
-        "",
-        "The paper's gains (SPEC.md section 4) are SIKeD minus the best single-strategy or "
-        "Combined baseline; ours are the last iteration minus iteration 1 (Combined).",
-    ]
+    L += ["", "The paper's gains (SPEC.md section 4) are SIKeD minus the best single-strategy "
+          "or Combined baseline; ours are the last iteration minus iteration 1."]  # fmt: skip
     if evals:
         best = max(evals, key=lambda t: (evals[t][HELDOUT]["accuracy"], -t))
         where = R.student(best).relative_to(R.dir)
         L.append(f"Best iteration on {HELDOUT}: **{best}** (student `{where}`).")
 
-    L += [
-        "",
-        "## Strategy mix",
-        "",
-        "Each training set by strategy (with its teacher and student rows), and the strategy "
-        "the student chose on each evaluation set (`none`: no tag).",
-        "",
-    ]
+    L += ["", "## Strategy mix", "", "Each training set by strategy (with its teacher and "
+          "student rows), and the strategy the student chose on each evaluation set (`none`: no "
+          "tag).", ""]  # fmt: skip
     chart = []
     for t in iters:
         lines, tr, mx = [], done.get(f"iter{t} train"), done.get(f"iter{t} mix")
@@ -1103,26 +1074,21 @@ def write_report(R: Run) -> None:
         chart += [*lines, ""] if lines else []
     L += ["```", *chart[:-1], "```"] if chart else ["(no iteration trained yet)"]
 
-    L += ["", "## Wall time", "", row("stage", "wall time", "throughput"), rule(3)]
+    L += ["", "## Wall time", "", *table("stage", "wall time", "throughput")]
     rates = {"train_tok_s": "trained", "sample_tok_s": "sampled", "gen_tok_s": "decoded"}
     for label, info in done.items():
         rate = " ".join(f"{info[k]} tok/s {v}" for k, v in rates.items() if info.get(k))
         L.append(row(label, f"{info['wall_s'] / 60:.1f} min", rate))
 
-    L += [
-        "",
-        "## Files",
-        "",
-        "- `config.json`, `split.json` (training / held-out ids), `log.txt`",
-        "- `teacher/teacher.jsonl` every teacher row; `teacher/selected.jsonl` one per "
-        "(question, strategy)",
-        "- `iter1/train/data.jsonl`, `iterT/mix/train.jsonl`: each training set; every row has "
-        "its `source` (teacher/student), `iteration` and `strategy`, student rows their `seed`, "
-        "`sample` and `verdict`, teacher rows their `teacher` (gold, http:..., local:...)",
-        "- `iterT/filter/samples.jsonl`: every student sample with its verdict; `kept.jsonl`",
-        "- `iterT/train/student/`: the merged student (HF layout); "
-        "`iterT/eval/predictions.jsonl`, `eval.json`",
-    ]
+    L += ["", "## Files", "",
+          "- `config.json`, `split.json` (training / held-out ids), `log.txt`; `teacher/`: "
+          "`teacher.jsonl` every teacher row, `selected.jsonl` one per (question, strategy)",
+          "- `iter1/train/data.jsonl`, `iterT/mix/train.jsonl`: each training set; every row has "
+          "its `source` (teacher/student), `iteration` and `strategy`, student rows their `seed`, "
+          "`sample` and `verdict`, teacher rows their `teacher` (gold, http:..., local:...)",
+          "- `iterT/filter/samples.jsonl` every student sample with its verdict, `kept.jsonl`; "
+          "`iterT/train/student/` the merged student (HF layout); `iterT/eval/predictions.jsonl`, "
+          "`eval.json`"]  # fmt: skip
     atomic_write(R.dir / "report.md", "\n".join(L) + "\n")
 
 
@@ -1161,10 +1127,8 @@ def run(R: Run) -> int:
         missing = [n for n in needs if not is_done(n)]
         if missing:  # only with --only: the stages before it come first
             if not ran:
-                fail(
-                    f"--only {only}: {missing[0].relative_to(R.dir)} is not finished; "
-                    "run without --only first"
-                )
+                fail(f"--only {only}: {missing[0].relative_to(R.dir)} is not finished; "
+                     "run without --only first")  # fmt: skip
             break
         R.release_log()
         R.log(f"stage {folder.relative_to(R.dir)}")
@@ -1211,16 +1175,15 @@ def check_config(cfg: RunConfig, world: int) -> None:
     if cfg.teacher_url and cfg.teacher_local:
         fail("--teacher-url and --teacher-local: give one teacher")
     if cfg.off_policy and not (cfg.teacher_url or cfg.teacher_local):
-        fail(
-            "--off-policy needs an LLM teacher (--teacher-url or --teacher-local): the gold "
-            "teacher has one solution per (question, strategy), none to spare"
-        )
+        fail("--off-policy needs an LLM teacher (--teacher-url or --teacher-local): the gold "
+             "teacher has one solution per (question, strategy), none to spare")  # fmt: skip
     if cfg.mix_rate is not None and not 0.0 <= cfg.mix_rate <= 1.0:
         fail(f"--mix-rate {cfg.mix_rate}: expected a value in [0, 1]")
-    positive = "iterations samples epochs batch_size micro_batch_size max_seq_len chunk_size "
-    positive += "gen_batch_size sample_max_new_tokens eval_max_new_tokens lora_r ckpt_every"
-    for k in positive.split() + ["teacher_samples"]:
-        if getattr(cfg, k) < 1:
+    positive = ("iterations samples epochs batch_size micro_batch_size max_seq_len chunk_size "
+                "gen_batch_size sample_max_new_tokens eval_max_new_tokens lora_r ckpt_every "
+                "teacher_samples train_limit eval_limit")  # fmt: skip
+    for k in positive.split():
+        if getattr(cfg, k) is not None and getattr(cfg, k) < 1:  # None: no limit
             fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: expected a positive integer")
     for k in ("rel_tol", "temperature", "weight_decay", "grad_clip", "warmup_steps"):
         if getattr(cfg, k) < 0:
@@ -1229,14 +1192,9 @@ def check_config(cfg: RunConfig, world: int) -> None:
         fail(f"--top-p {cfg.top_p}: expected a value in (0, 1]")
     if cfg.lr is not None and cfg.lr <= 0:
         fail(f"--lr {cfg.lr}: expected a positive learning rate")
-    for k in ("train_limit", "eval_limit"):
-        if getattr(cfg, k) is not None and getattr(cfg, k) < 1:
-            fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: expected a positive integer")
     if cfg.batch_size % (cfg.micro_batch_size * world):
-        fail(
-            f"--batch-size {cfg.batch_size}: expected a multiple of --micro-batch-size "
-            f"{cfg.micro_batch_size} x {world} processes"
-        )
+        fail(f"--batch-size {cfg.batch_size}: expected a multiple of --micro-batch-size "
+             f"{cfg.micro_batch_size} x {world} processes")  # fmt: skip
     if not 0.0 < cfg.heldout_frac < 1.0:
         fail(f"--heldout-frac {cfg.heldout_frac}: expected a value in (0, 1)")
 
@@ -1294,12 +1252,9 @@ def main(cfg: RunConfig) -> Path:
         write_json(run_dir / "split.json", {"train": train_ids, "heldout": heldout})
     R.log(f"config ({run_dir / 'config.json'}): {json.dumps(saved)}")
     if cfg.quick:
-        R.log(
-            f"--quick: a scaled-down run ({len(train_ids)} training questions, "
-            f"{cfg.eval_limit} per eval set, {cfg.iterations - 1} SIKeD iteration(s), "
-            f"{cfg.samples} sample(s) per strategy, {cfg.epochs} epoch(s)): "
-            "not the paper's settings"
-        )
+        R.log(f"--quick: a scaled-down run ({len(train_ids)} training questions, {cfg.eval_limit} "
+              f"per eval set, {cfg.iterations - 1} SIKeD iteration(s), {cfg.samples} sample(s) per "
+              f"strategy, {cfg.epochs} epoch(s)): not the paper's settings")  # fmt: skip
     ran = run(R)
     R.log(f"done: {run_dir / 'report.md'}" if ran else f"nothing to do: {run_dir} is finished")
     if d.world > 1:
@@ -1307,102 +1262,34 @@ def main(cfg: RunConfig) -> Path:
     return run_dir
 
 
-# The command line: one flag per RunConfig field, grouped; the type follows the default.
-FLAGS = {
-    "model and run": {
-        "model": "alias (model.ALIASES), HF repo id or local folder",
-        "run_name": "folder under --runs-dir (default: the model and the variant flags)",
-        "runs_dir": "where runs live",
-        "quick": f"a small run for a laptop CPU, minutes with a 135M model: {QUICK}",
-        "only": "run only this stage, wherever its inputs are finished",
-        "iterations": "T; iteration 1 distils the teacher data, 2..T are SIKeD iterations",
-    },
-    "data and teacher": {
-        "strategies": "comma list of cot,l2m,pot; a single one trains that untagged baseline",
-        "train_limit": "training questions, from the 90%% not held out (default: all)",
-        "eval_sets": "comma list of gsm8k,svamp,asdiv,multiarith",
-        "eval_limit": "questions per evaluation set, a seeded subset (default: all)",
-        "heldout_frac": "share of GSM8K train held out, to choose an iteration (never trained on)",
-        "rel_tol": "relative tolerance of an answer; 0 = exact, as the paper",
-        "teacher_url": "OpenAI-compatible teacher server (default: the gold teacher)",
-        "teacher_model": "the teacher's model name on that server",
-        "teacher_local": "a teacher model (alias or folder) sampled in-process",
-        "teacher_samples": "samples per question and strategy from an LLM teacher",
-    },
-    "SIKeD variants": {
-        "samples": "student samples per question and strategy",
-        "sampling": "forced: each strategy's tag written for it; free: the student picks",
-        "temperature": "sampling temperature",
-        "top_p": "sampling nucleus",
-        "mix": "adaptive: teacher rows only where the student failed; all: the union",
-        "mix_rate": "force alpha (the teacher share) by subsampling the teacher part",
-        "bias": "biased SIKeD: one solution per question, preferring this strategy",
-        "off_policy": "replace the student's samples with as many extra teacher samples",
-        "from_base": "retrain from the base model every iteration instead of continually",
-    },
-    "training": {
-        "full_finetune": "train every weight instead of a LoRA adapter",
-        "lora_r": "LoRA rank",
-        "lora_alpha": "LoRA alpha (scale alpha / r)",
-        "lr": "peak learning rate (default: 2e-4, 3e-4 for the qwen2 family)",
-        "warmup_steps": "linear warmup steps",
-        "weight_decay": "AdamW weight decay",
-        "batch_size": "packed sequences per optimizer step, over all processes",
-        "micro_batch_size": "sequences per forward/backward (gradient accumulation)",
-        "epochs": "epochs per iteration",
-        "max_seq_len": "tokens per packed sequence",
-        "loss_on": "all: prompt and response, as the authors; response: the solution only",
-        "grad_clip": "gradient norm clipping (0: off)",
-        "ckpt_every": "optimizer steps between resumable checkpoints",
-        "activation_checkpointing": "recompute each block in the backward pass",
-        "fsdp": "under torchrun, shard weights, gradients and optimizer state (FSDP2) "
-        "instead of DDP replicas: for a student that does not fit one device",
-    },
-    "system": {
-        "seed": "seed of the split, the data order, LoRA's init and sampling",
-        "device": "auto, cpu or cuda",
-        "dtype": "weights and autocast; auto: bfloat16 on CUDA, float32 on CPU",
-        "compile": "torch.compile the model for training and sample.py's decode step",
-        "chunk_size": "sequences per sampling/evaluation chunk, the unit of resumption",
-        "gen_batch_size": "sequences decoded together by sample.generate",
-    },
-}
-CHOICES = {
-    "only": STAGES,
-    "sampling": ("forced", "free"),
-    "mix": ("adaptive", "all"),
-    "bias": tuple(BIAS_ORDERS),
-    "loss_on": ("all", "response"),
-    "dtype": ("auto", "float32", "bfloat16"),
-}
-TYPES = {"train_limit": int, "eval_limit": int, "lr": float, "mix_rate": float}
-
-
 def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """The command line: a flag per RunConfig field given by arg(), typed as its default."""
     p = argparse.ArgumentParser(
         prog="siked.py",
         description=__doc__.split("\n\n")[1],
         argument_default=argparse.SUPPRESS,  # only the flags given: --quick fills in the rest
     )
-    defaults = RunConfig()
     csv = lambda s: tuple(x for x in s.split(",") if x)
-    for group, flags in FLAGS.items():
-        g = p.add_argument_group(group)
-        for name, text in flags.items():
-            flag, default = "--" + name.replace("_", "-"), getattr(defaults, name)
-            if isinstance(default, bool):
-                g.add_argument(flag, action="store_true", help=text)
-                continue
-            if isinstance(default, tuple):
-                kind, shown = csv, ",".join(default)
-            else:
-                kind, shown = TYPES.get(name, str if default is None else type(default)), default
-            text += "" if "default" in text or default is None else f" (default {shown})"
-            g.add_argument(flag, type=kind, choices=CHOICES.get(name), help=text,
-                           required=name == "model")  # fmt: skip
-        if group == "SIKeD variants":
+    for f in dataclasses.fields(RunConfig):
+        if f.metadata.get("group"):
+            g = p.add_argument_group(f.metadata["group"])
+        if f.name == "sample_max_new_tokens":  # one flag for this field and the next
             g.add_argument("--max-new-tokens", type=int, help="sampling and evaluation both "
                            "(default 512 and 1024)")  # fmt: skip
+        if not f.metadata:
+            continue
+        flag, default, text = "--" + f.name.replace("_", "-"), f.default, f.metadata["help"]
+        if isinstance(default, bool):
+            g.add_argument(flag, action="store_true", help=text)
+            continue
+        if isinstance(default, tuple):
+            kind, shown = csv, ",".join(default)
+        else:
+            kind, shown = TYPES.get(f.name, str if default is None else type(default)), default
+        required = f.name == "model"  # RunConfig's default model is for code, not the CLI
+        text += "" if "default" in text or default is None or required else f" (default {shown})"
+        g.add_argument(flag, type=kind, choices=f.metadata["choices"], help=text,
+                       required=required)  # fmt: skip
     args = vars(p.parse_args(argv))
     n = args.pop("max_new_tokens", None)
     if n is not None:

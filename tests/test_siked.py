@@ -131,6 +131,20 @@ def test_wilson_interval():
 # ------------------------------------------------------------------------------------------- CLI
 
 
+def test_flags_fill_the_config_and_quick_fills_only_what_no_flag_gives():
+    argv = ["--model", "m", "--strategies", "cot,pot", "--max-new-tokens", "7", "--off-policy",
+            "--lr", "1e-3", "--bias", "pot", "--train-limit", "5"]  # fmt: skip
+    cfg = siked.parse_args(argv)
+    assert cfg.strategies == ("cot", "pot") and cfg.bias == "pot" and cfg.off_policy
+    assert cfg.sample_max_new_tokens == cfg.eval_max_new_tokens == 7  # one flag sets both
+    assert cfg.lr == 1e-3 and cfg.train_limit == 5 and cfg.samples == siked.RunConfig.samples
+    quick = siked.parse_args([*argv, "--quick"])
+    assert quick.train_limit == 5 and quick.sample_max_new_tokens == 7  # the flags win
+    assert quick.samples == siked.QUICK["samples"] and quick.epochs == siked.QUICK["epochs"]
+    with pytest.raises(SystemExit):
+        siked.parse_args(["--model", "m", "--mix", "some"])  # argparse's choices
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
