@@ -2,6 +2,7 @@
 
     python tests/bench/bench_sample.py [--model DIR] [--quick] [--new-tokens 128] [--threads 1]
         [--cases greedy,siked,vllm] [--reps 3]
+    python tests/bench/bench_sample.py --device cuda --random-init [--cases greedy,compile,siked]
 
 Same model (default: the SmolLM2-135M-Instruct fixture), same prompt token ids (GSM8K test questions
 in the chat template), same batch size, greedy, a fixed number of new tokens (eos ignored on every
@@ -20,6 +21,13 @@ writing 5 to /proc/self/clear_refs, so it counts weights + cache + activations b
 Each case runs ours and the peer alternately, --reps times, and prints the medians: tokens/s of
 each side, and the ratios of each back-to-back pair (on a shared 2-core VM one measurement moves by
 10-30%, and a pair shares most of what moved it). Run on an idle machine where possible.
+
+--device cuda (a GPU machine; issue 5): bf16 only, batches 16, 64 and 256, peak memory from
+torch.cuda.max_memory_allocated; the "compile" case pits generate(compile=True) against our eager
+decode (the warm-up is then the same call, so compilation is not timed; its time is printed) and
+counts the rows whose greedy tokens match. --random-init replaces the weights by seeded random
+ones of the model's config (same speed; what travels to a GPU machine is the config and
+tokenizer, not the 257 MB of weights); greedy rows then still decode a fixed number of tokens.
 """
 
 import argparse
@@ -44,15 +52,43 @@ def questions(k: int) -> list[str]:
         return [json.loads(line)["question"] for line, _ in zip(f, range(k), strict=False)]
 
 
-def peak_reset() -> None:
+def peak_reset(device: str = "cpu") -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
 
-def peak_mib() -> float:
+def peak_mib(device: str = "cpu") -> float:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
     with open("/proc/self/status") as f:
         kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     return kib / 1024
+
+
+def random_init(folder: str, out: Path) -> str:
+    """A copy of folder's config and tokenizer files with seeded random weights (transformers)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(folder).iterdir():
+        if f.suffix in (".json", ".jinja") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, out / f.name)
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(folder)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
+    return str(out)
 
 
 class _NoStop:
@@ -80,8 +116,9 @@ def work_ours(a: dict) -> dict:
     import sample
     from model import Tokenizer, Transformer
 
+    device = a.get("device", "cpu")
     tok = Tokenizer.from_pretrained(a["model"])
-    net = Transformer.from_pretrained(a["model"], dtype=getattr(torch, a["dtype"])).eval()
+    net = Transformer.from_pretrained(a["model"], device, getattr(torch, a["dtype"])).eval()
     if a["kind"] == "greedy":
         gen_tok = _NoStop(tok)
         prompts = [tok.chat([{"role": "user", "content": q}]) for q in a["questions"]]
@@ -93,13 +130,21 @@ def work_ours(a: dict) -> dict:
         tags = [(S.forced_tag(s), a["n"]) for s in ("cot", "l2m", "pot")]
         prompts = [sample.SharedPrompt(S.student_prompt(q), tags) for q in a["questions"]]
         kw = dict(temperature=0.7, top_p=0.95, stop=S.STOP, seed=0, batch_size=a["batch_size"])
-    sample.generate(net, gen_tok, prompts[:1], max_new_tokens=4, progress=False, **kw)  # warm-up
-    peak_reset()
+    kw.update(compile=a.get("compile", False), progress=False)
     t0 = time.perf_counter()
-    out = sample.generate(net, gen_tok, prompts, max_new_tokens=a["new"], progress=False, **kw)
+    if kw["compile"]:  # the same shapes as the timed call: compiled once, here
+        sample.generate(net, gen_tok, prompts, max_new_tokens=a["new"], **kw)
+    else:
+        sample.generate(net, gen_tok, prompts[:1], max_new_tokens=4, **kw)
+    warmup_s = time.perf_counter() - t0
+    peak_reset(device)
+    t0 = time.perf_counter()
+    out = sample.generate(net, gen_tok, prompts, max_new_tokens=a["new"], **kw)
     dt = time.perf_counter() - t0
     n_tokens = sum(len(c.token_ids) for cs in out for c in cs)
-    return {"tok_s": n_tokens / dt, "tokens": n_tokens, "s": dt, "peak_mib": peak_mib()}
+    ids = [c.token_ids for cs in out for c in cs]
+    return {"tok_s": n_tokens / dt, "tokens": n_tokens, "s": dt, "peak_mib": peak_mib(device),
+            "warmup_s": warmup_s, "ids": ids}  # fmt: skip
 
 
 def work_hf(a: dict) -> dict:
@@ -113,8 +158,8 @@ def work_hf(a: dict) -> dict:
 
     torch.manual_seed(0)
     tok = Tokenizer.from_pretrained(a["model"])
-    dtype = getattr(torch, a["dtype"])
-    net = AutoModelForCausalLM.from_pretrained(a["model"], dtype=dtype).eval()
+    dtype, device = getattr(torch, a["dtype"]), a.get("device", "cpu")
+    net = AutoModelForCausalLM.from_pretrained(a["model"], dtype=dtype).to(device).eval()
     if a["kind"] == "greedy":
         texts = [tok.chat([{"role": "user", "content": q}]) for q in a["questions"]]
         calls = [[tok.encode(t, bos=tok.add_bos) for t in texts]]
@@ -144,11 +189,11 @@ def work_hf(a: dict) -> dict:
 
     def run(call: list[list[int]], new: int) -> int:
         T = max(len(p) for p in call)
-        ids = torch.tensor([[pad] * (T - len(p)) + p for p in call])  # left padding
-        attn = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in call])
+        ids = torch.tensor([[pad] * (T - len(p)) + p for p in call], device=device)  # left padding
+        attn = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in call], device=device)
         with torch.inference_mode():
             out = net.generate(ids, attention_mask=attn, max_new_tokens=new, pad_token_id=pad, **kw)
-        gen = out[:, T:]
+        gen = out[:, T:].cpu()
         if a["kind"] == "greedy":
             return gen.numel()
         # generated tokens up to and including the first stop id (the rest is padding)
@@ -161,11 +206,11 @@ def work_hf(a: dict) -> dict:
         return int(first.sum())
 
     run([calls[0][0]], 4)  # warm-up
-    peak_reset()
+    peak_reset(device)
     t0 = time.perf_counter()
     n_tokens = sum(run(c, a["new"]) for c in calls)
     dt = time.perf_counter() - t0
-    return {"tok_s": n_tokens / dt, "tokens": n_tokens, "s": dt, "peak_mib": peak_mib()}
+    return {"tok_s": n_tokens / dt, "tokens": n_tokens, "s": dt, "peak_mib": peak_mib(device)}
 
 
 def _hf_tok(a: dict):
@@ -247,6 +292,10 @@ def measure_hf(a: dict) -> dict:
     return measure(dict(a, who="hf"))
 
 
+def measure_compiled(a: dict) -> dict:
+    return measure(dict(a, who="ours", compile=True))
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -257,9 +306,13 @@ def main(
     threads: int = 0,
     cases: tuple[str, ...] = ("greedy", "siked", "vllm"),
     reps: int = 3,
+    device: str = "cpu",
 ) -> list[dict]:
     new = 32 if quick else new_tokens
-    batches = (1, 16) if quick else (1, 16, 64)
+    if device == "cuda":
+        batches, dtypes = (16, 64, 256), ("bfloat16",)
+    else:
+        batches, dtypes = (1, 16) if quick else (1, 16, 64), ("float32", "bfloat16")
     rows = []
 
     def pairs(a: dict, peer, earlier: list[dict] = ()) -> list[tuple[dict, dict]]:
@@ -300,10 +353,10 @@ def main(
 
     print(
         f"model {model}; {new} new tokens; {os.cpu_count()} CPUs; threads {threads or 'default'}; "
-        f"medians of {reps} alternating runs"
+        f"medians of {reps} alternating runs; device {device}"
     )
     ours_bf16 = {}
-    for dtype in ("float32", "bfloat16") if "greedy" in cases else ():
+    for dtype in dtypes if "greedy" in cases else ():
         for b in batches:
             a = {
                 "model": model,
@@ -312,11 +365,21 @@ def main(
                 "questions": questions(b),
                 "new": new,
                 "threads": threads,
+                "device": device,
             }
             measured = pairs(a, measure_hf)
             line(f"greedy {dtype} batch {b}", measured, "transformers")
             if dtype == "bfloat16":
                 ours_bf16[b] = [o for o, _ in measured]
+
+    for b in batches[1:] if "compile" in cases else ():
+        a = {"model": model, "dtype": "bfloat16", "kind": "greedy", "questions": questions(b),
+             "new": new, "threads": threads, "device": device}  # fmt: skip
+        measured = [(c, e) for e, c in pairs(a, measure_compiled, ours_bf16.get(b, []))]
+        line(f"compile bfloat16 batch {b}", measured, "our eager")
+        same = [sum(x == y for x, y in zip(c["ids"], e["ids"], strict=True)) for c, e in measured]
+        warmup = [round(c["warmup_s"], 1) for c, _ in measured]
+        print(f"  rows whose tokens equal eager's: {same} of {b}; compile warm-up s: {warmup}")
 
     if "siked" in cases:
         n_q, n = (2, 10) if quick else (8, 10)
@@ -329,11 +392,12 @@ def main(
             "new": new,
             "batch_size": 60,
             "threads": threads,
+            "device": device,
         }
         measured = pairs(a, measure_hf)
         line(f"SIKeD {n_q}q x 3 tags x n={n} bf16", measured, "transformers")
 
-    if "vllm" not in cases:
+    if "vllm" not in cases or device != "cpu":
         return rows
     if not (VLLM_VENV / "bin" / "python").exists():
         print(f"vLLM: no venv at {VLLM_VENV}; skipped")
@@ -362,6 +426,10 @@ if __name__ == "__main__":
     parser.add_argument(
         "--reps", type=int, default=3, help="alternating (ours, peer) runs per case; medians"
     )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    parser.add_argument(
+        "--random-init", action="store_true", help="seeded random weights of --model's config"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -373,5 +441,9 @@ if __name__ == "__main__":
         import build_fixture
 
         folder = args.model or str(build_fixture.build(build_fixture.default_dir()))
+        if args.random_init:
+            import tempfile
+
+            folder = random_init(folder, Path(tempfile.mkdtemp()) / "random")
         cases = tuple(args.cases.split(","))
-        main(folder, args.quick, args.new_tokens, args.threads, cases, args.reps)
+        main(folder, args.quick, args.new_tokens, args.threads, cases, args.reps, args.device)
