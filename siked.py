@@ -749,8 +749,10 @@ def stage_teacher(R: Run, folder: Path, t: int = 0) -> dict:
     per = per_strategy(cfg.strategies, rows=all_rows, correct=correct, selected=selected)
     kept = [s for s in cfg.strategies if per[s]["selected"]]
     for s in [s for s in cfg.strategies if s not in kept]:
-        R.log(f"teacher: no {s} solutions (for l2m the gold teacher needs GSM8K train_socratic): "
-              f"{s} is dropped from this run")  # fmt: skip
+        R.log(
+            f"teacher: no {s} solutions (for l2m the gold teacher needs GSM8K train_socratic): "
+            f"{s} is dropped from this run"
+        )
     if not kept:
         fail("teacher: no correct teacher solution for any strategy")
     R.log(f"teacher ({source}): {len(selected)} solutions for {len(rows)} questions: {per}")
@@ -801,8 +803,10 @@ def stage_train(R: Run, folder: Path, t: int) -> dict:
         if not cfg.full_finetune:
             merge_lora(model)
         model.to(getattr(torch, cfg.dtype)).save_pretrained(folder / "student", tokenizer=R.tok)
-        R.log(f"iter{t} train: loss {stats['first_loss']:.4f} -> {stats['final_loss']:.4f}, "
-              f"student saved in {folder / 'student'}")  # fmt: skip
+        R.log(
+            f"iter{t} train: loss {stats['first_loss']:.4f} -> {stats['final_loss']:.4f}, "
+            f"student saved in {folder / 'student'}"
+        )
     per = dict(sorted(Counter(r["strategy"] for r in rows).items()))
     return dict(stats, base=str(base), rows=len(rows), cut=n_cut, per_strategy=per)
 
@@ -1007,16 +1011,25 @@ def write_report(R: Run) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     L = [f"# SIKeD run `{R.dir.name}`", "", f"Rewritten {stamp} after each stage by siked.py."]
     if cfg.quick:
-        L += ["", "**A --quick run**: scaled down to finish in minutes on a CPU; its numbers say "
-              "the pipeline works, not what the method achieves."]  # fmt: skip
+        L += [
+            "",
+            "**A --quick run**: scaled down to finish in minutes on a CPU; its numbers say "
+            "the pipeline works, not what the method achieves.",
+        ]
     teacher_source = done["teacher"]["source"] if "teacher" in done else "(not run yet)"
     paper = dataclasses.asdict(RunConfig())
     changed = {k: v for k, v in dataclasses.asdict(cfg).items() if k == "model" or v != paper[k]}
     for k in ("run_name", "runs_dir", "only"):  # where and what runs now, not the method's settings
         changed.pop(k, None)
-    L += ["", "## Config", "", f"Teacher: {teacher_source}; {len(R.train_ids)} training "
-          f"questions, {len(R.heldout_ids)} held out (GSM8K train). The settings that differ from "
-          "the paper's (RunConfig's defaults); `config.json` has every one.", ""]  # fmt: skip
+    L += [
+        "",
+        "## Config",
+        "",
+        f"Teacher: {teacher_source}; {len(R.train_ids)} training "
+        f"questions, {len(R.heldout_ids)} held out (GSM8K train). The settings that differ from "
+        "the paper's (RunConfig's defaults); `config.json` has every one.",
+        "",
+    ]
     L += table("setting", "value")
     L += [row(k, ",".join(v) if isinstance(v, tuple) else v) for k, v in changed.items()]
 
@@ -1036,8 +1049,14 @@ def write_report(R: Run) -> None:
             ]
         L.append(row(t, *cells, *(tr[k] if tr else "" for k in ("rows", "sequences", "steps"))))
 
-    L += ["", "## Accuracy", "", f"Accuracy (%) with a 95% Wilson interval; `{HELDOUT}` is the "
-          "held-out 10% of GSM8K train, used only to choose an iteration.", ""]  # fmt: skip
+    L += [
+        "",
+        "## Accuracy",
+        "",
+        f"Accuracy (%) with a 95% Wilson interval; `{HELDOUT}` is the "
+        "held-out 10% of GSM8K train, used only to choose an iteration.",
+        "",
+    ]
     L += table("iteration", *sets)
     pct = lambda x: f"{100 * x:.1f}"
     cell = lambda r: f"{pct(r['accuracy'])} [{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] (n={r['n']})"
@@ -1049,16 +1068,25 @@ def write_report(R: Run) -> None:
     key = next((k for k in PAPER_GAINS if k in Path(cfg.model).name.lower()), None)
     if key:
         L.append(row(f"paper's gain ({key})", *(PAPER_GAINS[key].get(s, "") for s in sets)))
-    L += ["", "The paper's gains (SPEC.md section 4) are SIKeD minus the best single-strategy "
-          "or Combined baseline; ours are the last iteration minus iteration 1."]  # fmt: skip
+    L += [
+        "",
+        "The paper's gains (SPEC.md section 4) are SIKeD minus the best single-strategy "
+        "or Combined baseline; ours are the last iteration minus iteration 1.",
+    ]
     if evals:
         best = max(evals, key=lambda t: (evals[t][HELDOUT]["accuracy"], -t))
         where = R.student(best).relative_to(R.dir)
         L.append(f"Best iteration on {HELDOUT}: **{best}** (student `{where}`).")
 
-    L += ["", "## Strategy mix", "", "Each training set by strategy (with its teacher and "
-          "student rows), and the strategy the student chose on each evaluation set (`none`: no "
-          "tag).", ""]  # fmt: skip
+    L += [
+        "",
+        "## Strategy mix",
+        "",
+        "Each training set by strategy (with its teacher and "
+        "student rows), and the strategy the student chose on each evaluation set (`none`: no "
+        "tag).",
+        "",
+    ]
     chart = []
     for t in iters:
         lines, tr, mx = [], done.get(f"iter{t} train"), done.get(f"iter{t} mix")
@@ -1080,15 +1108,19 @@ def write_report(R: Run) -> None:
         rate = " ".join(f"{info[k]} tok/s {v}" for k, v in rates.items() if info.get(k))
         L.append(row(label, f"{info['wall_s'] / 60:.1f} min", rate))
 
-    L += ["", "## Files", "",
-          "- `config.json`, `split.json` (training / held-out ids), `log.txt`; `teacher/`: "
-          "`teacher.jsonl` every teacher row, `selected.jsonl` one per (question, strategy)",
-          "- `iter1/train/data.jsonl`, `iterT/mix/train.jsonl`: each training set; every row has "
-          "its `source` (teacher/student), `iteration` and `strategy`, student rows their `seed`, "
-          "`sample` and `verdict`, teacher rows their `teacher` (gold, http:..., local:...)",
-          "- `iterT/filter/samples.jsonl` every student sample with its verdict, `kept.jsonl`; "
-          "`iterT/train/student/` the merged student (HF layout); `iterT/eval/predictions.jsonl`, "
-          "`eval.json`"]  # fmt: skip
+    L += [
+        "",
+        "## Files",
+        "",
+        "- `config.json`, `split.json` (training / held-out ids), `log.txt`; `teacher/`: "
+        "`teacher.jsonl` every teacher row, `selected.jsonl` one per (question, strategy)",
+        "- `iter1/train/data.jsonl`, `iterT/mix/train.jsonl`: each training set; every row has "
+        "its `source` (teacher/student), `iteration` and `strategy`, student rows their `seed`, "
+        "`sample` and `verdict`, teacher rows their `teacher` (gold, http:..., local:...)",
+        "- `iterT/filter/samples.jsonl` every student sample with its verdict, `kept.jsonl`; "
+        "`iterT/train/student/` the merged student (HF layout); `iterT/eval/predictions.jsonl`, "
+        "`eval.json`",
+    ]
     atomic_write(R.dir / "report.md", "\n".join(L) + "\n")
 
 
@@ -1127,8 +1159,10 @@ def run(R: Run) -> int:
         missing = [n for n in needs if not is_done(n)]
         if missing:  # only with --only: the stages before it come first
             if not ran:
-                fail(f"--only {only}: {missing[0].relative_to(R.dir)} is not finished; "
-                     "run without --only first")  # fmt: skip
+                fail(
+                    f"--only {only}: {missing[0].relative_to(R.dir)} is not finished; "
+                    "run without --only first"
+                )
             break
         R.release_log()
         R.log(f"stage {folder.relative_to(R.dir)}")
@@ -1175,13 +1209,17 @@ def check_config(cfg: RunConfig, world: int) -> None:
     if cfg.teacher_url and cfg.teacher_local:
         fail("--teacher-url and --teacher-local: give one teacher")
     if cfg.off_policy and not (cfg.teacher_url or cfg.teacher_local):
-        fail("--off-policy needs an LLM teacher (--teacher-url or --teacher-local): the gold "
-             "teacher has one solution per (question, strategy), none to spare")  # fmt: skip
+        fail(
+            "--off-policy needs an LLM teacher (--teacher-url or --teacher-local): the gold "
+            "teacher has one solution per (question, strategy), none to spare"
+        )
     if cfg.mix_rate is not None and not 0.0 <= cfg.mix_rate <= 1.0:
         fail(f"--mix-rate {cfg.mix_rate}: expected a value in [0, 1]")
-    positive = ("iterations samples epochs batch_size micro_batch_size max_seq_len chunk_size "
-                "gen_batch_size sample_max_new_tokens eval_max_new_tokens lora_r ckpt_every "
-                "teacher_samples train_limit eval_limit")  # fmt: skip
+    positive = (
+        "iterations samples epochs batch_size micro_batch_size max_seq_len chunk_size "
+        "gen_batch_size sample_max_new_tokens eval_max_new_tokens lora_r ckpt_every "
+        "teacher_samples train_limit eval_limit"
+    )
     for k in positive.split():
         if getattr(cfg, k) is not None and getattr(cfg, k) < 1:  # None: no limit
             fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: expected a positive integer")
@@ -1193,8 +1231,10 @@ def check_config(cfg: RunConfig, world: int) -> None:
     if cfg.lr is not None and cfg.lr <= 0:
         fail(f"--lr {cfg.lr}: expected a positive learning rate")
     if cfg.batch_size % (cfg.micro_batch_size * world):
-        fail(f"--batch-size {cfg.batch_size}: expected a multiple of --micro-batch-size "
-             f"{cfg.micro_batch_size} x {world} processes")  # fmt: skip
+        fail(
+            f"--batch-size {cfg.batch_size}: expected a multiple of --micro-batch-size "
+            f"{cfg.micro_batch_size} x {world} processes"
+        )
     if not 0.0 < cfg.heldout_frac < 1.0:
         fail(f"--heldout-frac {cfg.heldout_frac}: expected a value in (0, 1)")
 
@@ -1252,9 +1292,11 @@ def main(cfg: RunConfig) -> Path:
         write_json(run_dir / "split.json", {"train": train_ids, "heldout": heldout})
     R.log(f"config ({run_dir / 'config.json'}): {json.dumps(saved)}")
     if cfg.quick:
-        R.log(f"--quick: a scaled-down run ({len(train_ids)} training questions, {cfg.eval_limit} "
-              f"per eval set, {cfg.iterations - 1} SIKeD iteration(s), {cfg.samples} sample(s) per "
-              f"strategy, {cfg.epochs} epoch(s)): not the paper's settings")  # fmt: skip
+        R.log(
+            f"--quick: a scaled-down run ({len(train_ids)} training questions, {cfg.eval_limit} "
+            f"per eval set, {cfg.iterations - 1} SIKeD iteration(s), {cfg.samples} sample(s) per "
+            f"strategy, {cfg.epochs} epoch(s)): not the paper's settings"
+        )
     ran = run(R)
     R.log(f"done: {run_dir / 'report.md'}" if ran else f"nothing to do: {run_dir} is finished")
     if d.world > 1:
