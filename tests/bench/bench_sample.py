@@ -372,7 +372,7 @@ def main(
             if dtype == "bfloat16":
                 ours_bf16[b] = [o for o, _ in measured]
 
-    for b in batches[1:] if "compile" in cases else ():
+    for b in (batches if device == "cuda" else batches[1:]) if "compile" in cases else ():
         a = {"model": model, "dtype": "bfloat16", "kind": "greedy", "questions": questions(b),
              "new": new, "threads": threads, "device": device}  # fmt: skip
         measured = [(c, e) for e, c in pairs(a, measure_compiled, ours_bf16.get(b, []))]
