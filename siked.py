@@ -1308,7 +1308,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     """The command line: a flag per RunConfig field given by arg(), typed as its default."""
     p = argparse.ArgumentParser(
         prog="siked.py",
-        description=__doc__.split("\n\n")[1],
+        description=__doc__.split("\n\n")[1].rstrip(":") + ".",
         argument_default=argparse.SUPPRESS,  # only the flags given: --quick fills in the rest
     )
     csv = lambda s: tuple(x for x in s.split(",") if x)
