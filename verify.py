@@ -320,7 +320,9 @@ def _worker_main(cfg: SandboxConfig) -> None:
             return
         if event == "exec" and getattr(args[0], "co_filename", None) == "<pot>":
             return
-        if event == "resource.setrlimit" and args == (resource.RLIMIT_CPU, (cpu_soft[0], cpu_hard)):
+        # exactly a tuple: a program's tuple subclass could make its own == say yes
+        limits = args[1] if event == "resource.setrlimit" and type(args[1]) is tuple else None
+        if limits == (cpu_soft[0], cpu_hard) and args[0] == resource.RLIMIT_CPU:
             return
         raise RuntimeError(f"sandbox: {event} is not allowed")
 

@@ -617,6 +617,19 @@ def test_layer_hook_refuses_frame_access(hook_box):
     assert "object.__getattr__" in run_hostile(hook_box, code)
 
 
+def test_layer_hook_allows_only_its_own_cpu_limit(hook_box):
+    # a tuple subclass equal to everything must not pass for the worker's own limits
+    code = (
+        "import resource\n"
+        "class Limits(tuple):\n"
+        "    def __eq__(self, other):\n"
+        "        return True\n"
+        "resource.setrlimit(resource.RLIMIT_CPU, Limits(resource.getrlimit(resource.RLIMIT_CPU)))\n"
+        "answer = 1"
+    )
+    assert "resource.setrlimit is not allowed" in run_hostile(hook_box, code)
+
+
 def test_layer_hook_refuses_subprocess_via_loaded_posix(hook_box, tmp_path):
     marker = tmp_path / "marker"
     code = f"import posix\nposix.execv('/usr/bin/touch', ['touch', '{marker}'])"
