@@ -1018,7 +1018,9 @@ def write_report(R: Run) -> None:
         ]
     teacher_source = done["teacher"]["source"] if "teacher" in done else "(not run yet)"
     paper = dataclasses.asdict(RunConfig())
-    changed = {k: v for k, v in dataclasses.asdict(cfg).items() if k == "model" or v != paper[k]}
+    # lr and dtype are resolved for this model and device, so never RunConfig's None and "auto"
+    shown = ("model", "lr", "dtype")
+    changed = {k: v for k, v in dataclasses.asdict(cfg).items() if k in shown or v != paper[k]}
     for k in ("run_name", "runs_dir", "only"):  # where and what runs now, not the method's settings
         changed.pop(k, None)
     L += [
@@ -1026,8 +1028,9 @@ def write_report(R: Run) -> None:
         "## Config",
         "",
         f"Teacher: {teacher_source}; {len(R.train_ids)} training "
-        f"questions, {len(R.heldout_ids)} held out (GSM8K train). The settings that differ from "
-        "the paper's (RunConfig's defaults); `config.json` has every one.",
+        f"questions, {len(R.heldout_ids)} held out (GSM8K train). The model, its learning rate and "
+        "dtype, and the settings that differ from the paper's (RunConfig's defaults); "
+        "`config.json` has every one.",
         "",
     ]
     L += table("setting", "value")

@@ -421,7 +421,7 @@ if __name__ == "__main__":
         "--threads", type=int, default=0, help="torch threads on every side (0 = torch's default)"
     )
     parser.add_argument(
-        "--cases", default="greedy,siked,vllm", help="comma-separated subset of greedy,siked,vllm"
+        "--cases", default="greedy,siked,vllm", help="comma-separated: greedy,compile,siked,vllm"
     )
     parser.add_argument(
         "--reps", type=int, default=3, help="alternating (ours, peer) runs per case; medians"
