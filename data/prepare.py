@@ -4,7 +4,7 @@
     python data/prepare.py                         # download the canonical URLs (sha256-checked)
 
 siked.py calls `prepare.load("gsm8k", "train")`, which prepares the dataset on first use. Source:
-`--from DIR`, else $SIKED_DATA, else the URLs in FILES (into data/raw/), each file sha256-checked
+`--from DIR`, else $SIKED_DATA, else the URLs in FILES (into <out>/raw/), each file sha256-checked
 (../shared/data/README.md). Output: data/<name>/<split>.jsonl, rows {"id": "<name>-<ID>",
 "question", "answer": float, "rationale"?, "socratic"?, "equation"?}. Per dataset (SPEC.md
 section 3; [R] = the authors' code, inference_all_chk_all_data.py):
@@ -27,13 +27,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 
 from tqdm import tqdm
@@ -128,14 +128,28 @@ def atomic_open(path: Path, mode: str = "w"):
         raise
 
 
-def download(url: str, dest: Path, progress: bool = True, timeout_s: float = 60.0) -> None:
-    """Stream url into dest through atomic_open, with a progress bar."""
+def download(
+    url: str, dest: Path, sha256: str | None = None, progress: bool = True, timeout_s: float = 60.0
+) -> None:
+    """Stream url into dest through atomic_open, with a progress bar; a short or wrong file (sha256)
+    is a ValueError and never lands at dest."""
+    digest, size = hashlib.sha256(), 0
     with atomic_open(dest, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as resp:
         total = int(resp.headers.get("Content-Length") or 0) or None
         with tqdm.wrapattr(
             f, "write", total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
         ) as out:
-            shutil.copyfileobj(resp, out)
+            while chunk := resp.read(1 << 16):
+                out.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+        if total is not None and size != total:  # the server closed early: not an error to urllib
+            raise ValueError(f"{url}: download cut short ({size} of {total} bytes); run again")
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ValueError(
+                f"{url}: sha256 {digest.hexdigest()} does not match the expected {sha256} "
+                "(a different or damaged file, or a proxy's page)"
+            )
 
 
 def fetch(
@@ -158,8 +172,8 @@ def fetch(
         path = Path(raw_dir or DATA_DIR / "raw") / rel
         if not path.is_file():
             try:
-                download(remote.url, path, progress=progress)
-            except OSError as e:  # URLError, HTTPError, TimeoutError, a full disk
+                download(remote.url, path, remote.sha256, progress=progress)
+            except (OSError, HTTPException) as e:  # URLError, HTTPError, a timeout, a cut transfer
                 reason = str(getattr(e, "reason", None) or e)
                 if isinstance(e, urllib.error.HTTPError):
                     reason = f"HTTP {e.code} {reason}"
@@ -173,7 +187,7 @@ def fetch(
     if remote.sha256 is not None and (got := sha256_file(path)) != remote.sha256:
         raise ValueError(
             f"{path}: sha256 {got} does not match the expected {remote.sha256} for {rel} "
-            "(a corrupted or different copy)"
+            "(a corrupted or different copy; remove it to fetch it again)"
         )
     return path
 
@@ -350,6 +364,7 @@ def prepare(
     """Write data/<name>/<split>.jsonl for every split of one dataset; returns rows per split."""
     _check_name(name)
     out = Path(out_dir) if out_dir is not None else DATA_DIR
+    raw_dir = raw_dir or out / "raw"  # downloads go beside the output
     get = lambda rel: fetch(rel, source=source, raw_dir=raw_dir, progress=progress)
     if name == "gsm8k":
         splits = {

@@ -20,21 +20,25 @@ per (id, strategy): D_LLM.
 - local: a model.py model (alias, HF id or folder) in its chat format, sampled by sample.generate.
 Resumable and atomic: each chunk of whole questions is written as one atomic file in
 `<out>.parts/`; at the end all rows are written atomically to `<out>` and the folder is removed. A
-rerun skips the finished questions, those of a finished `<out>` too (so it can be extended).
+rerun skips the finished (question, strategy) pairs, those of a finished `<out>` too (so it can
+be extended, also by strategies).
 Sampling is seeded per chunk, so a resumed LLM run is not bit-identical to an uninterrupted one.
 """
 
 import argparse
+import email.utils
 import json
 import os
 import random
 import shutil
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import datetime, timezone
 from http.client import HTTPException
 from pathlib import Path
 
@@ -114,25 +118,32 @@ def _read_checked(path: Path, source: str) -> list[dict]:
 
 
 def _run_stage(questions, out_path, source, solve, progress, judged) -> dict:
-    """Write out_path: its rows so far, then each list of rows solve(other questions) yields, saved
-    first as an atomic chunk file in `<out>.parts/`. Prints and returns per strategy (questions
-    with a correct row, questions) over judged[strategy] (None: skipped)."""
+    """Write out_path: its rows so far, then the rows solve([(question, strategies it lacks)])
+    yields as (questions done, rows), each saved first as an atomic chunk file in `<out>.parts/`.
+    Prints and returns per strategy (questions with a correct row, questions) over
+    judged[strategy] (None: skipped); the strategies asked are judged's keys."""
     out = Path(out_path)
     parts = out.with_name(out.name + ".parts")
     rows = _read_checked(out, source) if out.exists() else []  # a finished file is extended
-    done = {r["id"] for r in rows}
+    done = {(r["id"], r["strategy"]) for r in rows}
     chunks = sorted(parts.glob("*.jsonl"))
     # chunk rows already in out: the last run was killed after writing out, before rmtree(parts)
-    rows += [r for p in chunks for r in _read_checked(p, source) if r["id"] not in done]
-    done = {r["id"] for r in rows}
-    todo = [q for q in questions if q["id"] not in done]
+    rows += [
+        r for p in chunks for r in _read_checked(p, source) if (r["id"], r["strategy"]) not in done
+    ]
+    done = {(r["id"], r["strategy"]) for r in rows}
+    # by (question, strategy): a rerun that asks for more strategies solves just those (a pair
+    # that gave no row, e.g. a rationale gold_pot cannot convert, is tried again: it is cheap)
+    todo = [(q, [s for s in judged if (q["id"], s) not in done]) for q in questions]
+    todo = [(q, missing) for q, missing in todo if missing]
     parts.mkdir(parents=True, exist_ok=True)
+    first = max((int(p.stem) for p in chunks if p.stem.isdigit()), default=-1) + 1  # gaps kept
     initial, total = len(questions) - len(todo), len(questions)
     with tqdm(total=total, initial=initial, desc=source, disable=not progress) as bar:
-        for i, new in enumerate(solve(todo), len(chunks)):
+        for i, (n_done, new) in enumerate(solve(todo), first):
             prepare.write_jsonl(parts / f"{i:06d}.jsonl", new)
             rows += new
-            bar.update(len({r["id"] for r in new}))
+            bar.update(n_done)
     order = {q["id"]: i for i, q in enumerate(questions)}  # not the order the answers came in
     rows.sort(key=lambda r: order.get(r["id"], -1))
     prepare.write_jsonl(out, rows)
@@ -189,11 +200,12 @@ def gold_teacher(
         ),
     }
 
-    def solve(todo: list[dict]) -> Iterable[list[dict]]:
+    def solve(todo: list[tuple[dict, list[str]]]) -> Iterable[tuple[int, list[dict]]]:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
-            texts = {q["id"]: [(s, convert[s](q)) for s in strategies_] for q in chunk}
-            yield verify_rows(chunk, texts, "gold", rel_tol, workers=workers)
+            texts = {q["id"]: [(s, convert[s](q)) for s in asked] for q, asked in chunk}
+            qs = [q for q, _ in chunk]
+            yield len(chunk), verify_rows(qs, texts, "gold", rel_tol, workers=workers)
 
     # L2M is judged over the questions with a socratic rationale, and skipped where none has one.
     judged = {s: (with_socratic or None) if s == "l2m" else questions for s in strategies_}
@@ -215,12 +227,15 @@ class ChatClient:
         self.model, self.timeout_s = model, timeout_s
         self.retries, self.backoff_s = retries, backoff_s
         self.n_supported = True
+        self.stopped = threading.Event()  # set: no new requests (the stage is over)
 
     def post(self, body: dict) -> list[str] | None:
         """The answer's texts, or None where a 400 refused `n`. Retries 429, 5xx, timeouts and
         dropped connections with backoff; anything else is a TeacherError."""
         url, data, last, wait_s = self.endpoint, json.dumps(body).encode(), "", 0.0
         for attempt in range(self.retries + 1):
+            if self.stopped.is_set():
+                raise TeacherError(f"{url}: stopped")
             if attempt:
                 backoff = self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random() / 2)
                 time.sleep(max(backoff, wait_s))  # jittered, and never before Retry-After
@@ -234,8 +249,7 @@ class ChatClient:
                 detail = _error_detail(e)
                 last = f"HTTP {e.code} {detail}"
                 if e.code == 429 or e.code >= 500:
-                    retry_after = e.headers.get("Retry-After", "").strip()
-                    wait_s = min(float(retry_after), 60.0) if retry_after.isdigit() else 0.0
+                    wait_s = _retry_after_s(e.headers.get("Retry-After", ""))
                     continue
                 if e.code == 400 and "n" in body:  # perhaps `n` itself: single samples from now on
                     self.n_supported = False
@@ -282,6 +296,19 @@ class ChatClient:
         return texts
 
 
+def _retry_after_s(value: str) -> float:
+    """The wait a Retry-After header asks for, seconds or an HTTP date (RFC 9110), in [0, 60]."""
+    try:
+        wait_s = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            wait_s = (when - datetime.now(timezone.utc)).total_seconds()
+        except (TypeError, ValueError):  # not a date, or one without a zone
+            wait_s = 0.0
+    return min(wait_s, 60.0) if wait_s > 0 else 0.0  # nan and the past: no wait
+
+
 def _error_detail(e: urllib.error.HTTPError) -> str:
     """The server's own error message, on one short line."""
     body = ""
@@ -311,20 +338,29 @@ def http_teacher(
     sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
     source = f"http:{model}"
 
-    def ask(q: dict) -> dict[str, list[tuple[str, str]]]:
-        messages = {s: strategies.teacher_messages(q["question"], s) for s in strategies_}
-        replies = {s: client.complete(messages[s], n, **sampling) for s in strategies_}
-        return {q["id"]: [(s, clean_text(t, s)) for s in strategies_ for t in replies[s]]}
+    def ask(q: dict, asked: list[str]) -> dict[str, list[tuple[str, str]]]:
+        replies = {
+            s: client.complete(strategies.teacher_messages(q["question"], s), n, **sampling)
+            for s in asked
+        }
+        return {q["id"]: [(s, clean_text(t, s)) for s in asked for t in replies[s]]}
 
-    def solve(todo: list[dict]) -> Iterable[list[dict]]:
+    def solve(todo: list[tuple[dict, list[str]]]) -> Iterable[tuple[int, list[dict]]]:
         # workers questions at a time, each written as soon as it is answered (a chunk of one)
         pool = ThreadPoolExecutor(max_workers=workers)
+        running = {pool.submit(ask, q, asked): q for q, asked in todo}
         try:
-            asked = {pool.submit(ask, q): q for q in todo}
-            for future in as_completed(asked):
-                texts = future.result()  # a TeacherError stops the stage here
-                yield verify_rows([asked[future]], texts, source, rel_tol)
+            for future in as_completed(running):
+                q = running.pop(future)
+                yield 1, verify_rows([q], future.result(), source, rel_tol)  # may raise
+        except (Exception, KeyboardInterrupt):
+            client.stopped.set()  # running questions send no more requests
+            for future in [f for f in running if f.done() and not f.cancelled()]:
+                if future.exception() is None:  # answered before the error: keep, not re-pay
+                    yield 1, verify_rows([running[future]], future.result(), source, rel_tol)
+            raise
         finally:
+            client.stopped.set()
             pool.shutdown(wait=False, cancel_futures=True)  # questions not started are dropped
 
     judged = dict.fromkeys(strategies_, questions)
@@ -359,17 +395,17 @@ def local_teacher(
     sampling = dict(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     sampling.update(batch_size=batch_size, progress=False)
 
-    def solve(todo: list[dict]) -> Iterable[list[dict]]:
+    def solve(todo: list[tuple[dict, list[str]]]) -> Iterable[tuple[int, list[dict]]]:
         for start in range(0, len(todo), questions_per_chunk):
             chunk = todo[start : start + questions_per_chunk]
-            items = [(q, s) for q in chunk for s in strategies_]
+            items = [(q, s) for q, asked in chunk for s in asked]
             prompts = [tok.chat(strategies.teacher_messages(q["question"], s)) for q, s in items]
             with torch.no_grad():
                 outs = sample.generate(m, tok, prompts, seed=seed + start, **sampling)
             texts: dict[str, list[tuple[str, str]]] = {}
             for (q, s), samples in zip(items, outs, strict=True):
                 texts.setdefault(q["id"], []).extend((s, clean_text(c.text, s)) for c in samples)
-            yield verify_rows(chunk, texts, source, rel_tol)
+            yield len(chunk), verify_rows([q for q, _ in chunk], texts, source, rel_tol)
 
     judged = dict.fromkeys(strategies_, questions)
     return _run_stage(questions, out_path, source, solve, progress, judged)

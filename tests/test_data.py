@@ -223,6 +223,26 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class CutHandler(http.server.BaseHTTPRequestHandler):
+    """Sends 1,000 bytes of a longer file, then closes: by Content-Length or mid-chunked."""
+
+    def do_GET(self):
+        body = b"x" * 1000
+        self.send_response(200)
+        if self.path == "/chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n" % 5000 + body)  # a 5,000-byte chunk, 1,000 sent
+        else:
+            self.send_header("Content-Length", "5000")
+            self.end_headers()
+            self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture
 def file_server():
     """Serve a folder on 127.0.0.1; yields a function folder -> base URL."""
@@ -263,6 +283,9 @@ def test_download_path(tmp_path, monkeypatch, file_server, capsys, prepared):
         rel = f"gsm8k/{split}.jsonl"
         assert prepare.read_jsonl(out / rel) == prepare.read_jsonl(prepared / rel)
     assert prepare.prepare("multiarith", raw_dir=raw, out_dir=out) == {"test": 600}
+    # with no raw_dir, downloads land beside the output, not in the repo's data/raw
+    assert prepare.prepare("multiarith", out_dir=tmp_path / "o2", progress=False) == {"test": 600}
+    assert (tmp_path / "o2" / "raw" / "multiarith" / "MultiArith.json").is_file()
 
     # A server with a corrupted copy: the download is refused and nothing is left in the cache.
     bad = copy_source(tmp_path / "bad", ["svamp/SVAMP.json"])
@@ -273,6 +296,24 @@ def test_download_path(tmp_path, monkeypatch, file_server, capsys, prepared):
     )
     with pytest.raises(ValueError, match=r"svamp/SVAMP\.json: sha256 [0-9a-f]{64} does not match"):
         prepare.prepare("svamp", raw_dir=raw, out_dir=out, progress=False)
+    assert not list((raw / "svamp").glob("*"))
+    # A transfer cut short, with a Content-Length or chunked: refused, nothing kept, one line.
+    cut = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutHandler)
+    threading.Thread(target=cut.serve_forever, daemon=True).start()
+    try:
+        for path, want in [
+            ("/length", "download cut short [(]1000 of 5000 bytes[)]"),
+            ("/chunked", "cannot download [(]IncompleteRead"),
+        ]:
+            url = f"http://127.0.0.1:{cut.server_address[1]}{path}"
+            files["svamp/SVAMP.json"] = prepare.Remote(url, files["svamp/SVAMP.json"].sha256)
+            with pytest.raises(ValueError, match=f"^{url}: {want}") as e:
+                prepare.prepare("svamp", raw_dir=raw, out_dir=out, progress=False)
+            assert "\n" not in str(e.value)
+            assert not list((raw / "svamp").glob("*"))
+    finally:
+        cut.shutdown()
+        cut.server_close()
     # An unreachable server: one line naming the URL.
     files["asdiv/ASDiv.xml"] = prepare.Remote("http://127.0.0.1:9/asdiv/ASDiv.xml", "0" * 64)
     with pytest.raises(

@@ -6,6 +6,7 @@ Oracles: the GSM8K gold answers (every gold row is verified by verify.py), the r
 server receives, and an uninterrupted run of the same stage (for the resumed one).
 """
 
+import email.utils
 import http.server
 import json
 import os
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,42 @@ def test_resume_keeps_finished_chunks(train, gold_run, tmp_path):
     with pytest.raises(ValueError, match=r"000000.jsonl: not valid JSON"):
         teacher.gold_teacher(more, out, progress=False)
     assert teacher.read_rows(out) == again
+
+
+def test_resume_adds_strategies_and_keeps_chunks_past_a_gap(train, gold_run, tmp_path, monkeypatch):
+    questions = train[:6]
+    ids = {q["id"] for q in questions}
+    gold = [r for r in teacher.read_rows(gold_run[0]) if r["id"] in ids]
+    out = tmp_path / "gold.jsonl"
+    # A finished CoT-only file asked again for CoT and PoT: PoT is solved, CoT is not redone.
+    teacher.gold_teacher(questions, out, strategies_=["cot"], progress=False)
+    rates = teacher.gold_teacher(questions, out, strategies_=["cot", "pot"], progress=False)
+    assert rates == {"cot": (6, 6), "pot": (6, 6)} and teacher.read_rows(out) == gold
+    # A removed chunk (as the damaged-chunk message says to do) leaves a gap; a rerun killed after
+    # one new chunk must not have written it over a kept one.
+    parts = out.with_name("gold.jsonl.parts")
+    out.unlink()
+    parts.mkdir()
+    kept = [r for r in gold if r["id"] in {q["id"] for q in questions[2:4]}]
+    prepare.write_jsonl(parts / "000001.jsonl", kept)
+    calls, verify_rows = [], teacher.verify_rows
+
+    def killed_at_second(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return verify_rows(*args, **kw)
+
+    monkeypatch.setattr(teacher, "verify_rows", killed_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        teacher.gold_teacher(questions, out, chunk_size=2, progress=False)
+    assert teacher.read_rows(parts / "000001.jsonl") == kept
+    assert [r["id"] for r in teacher.read_rows(parts / "000002.jsonl")] == [
+        r["id"] for r in gold if r["id"] in {q["id"] for q in questions[:2]}
+    ]
+    monkeypatch.setattr(teacher, "verify_rows", verify_rows)
+    teacher.gold_teacher(questions, out, chunk_size=2, progress=False)
+    assert teacher.read_rows(out) == gold and not parts.exists()
 
 
 def test_kill_9_mid_stage_then_rerun(train, gold_run, tmp_path):
@@ -298,6 +336,68 @@ def test_http_500_retried_then_fails_cleanly(train, tmp_path, fake_server):
     assert len(server.requests) == 3
     assert not (tmp_path / "t.jsonl").exists()
     assert not any((tmp_path / "t.jsonl.parts").iterdir())  # nothing half-done; a rerun resumes
+
+
+def test_retry_after_seconds_and_dates():
+    soon = email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), True)
+    past = email.utils.format_datetime(datetime.now(timezone.utc) - timedelta(seconds=30), True)
+    assert 28 <= teacher._retry_after_s(soon) <= 30
+    for value, wait_s in [
+        ("3", 3.0),
+        ("2.5", 2.5),
+        ("999", 60.0),
+        ("-1", 0.0),
+        ("nan", 0.0),
+        ("", 0.0),
+        ("soon", 0.0),
+        (past, 0.0),
+    ]:
+        assert teacher._retry_after_s(value) == wait_s, value
+
+
+def test_http_fatal_error_stops_the_others_and_keeps_their_answers(
+    train, tmp_path, fake_server, monkeypatch
+):
+    # q0 fails (401) at 0.1 s, q1 is answered at 0.2 s, q2 at once, q3's requests take 1 s each.
+    # While the stage writes q2's chunk (slowed to 0.5 s) q0 fails and q1 finishes: q1's answer
+    # is kept, and q3 sends no second request.
+    questions = train[:4]
+
+    def respond(index, body):
+        q = next(i for i, q in enumerate(questions) if q["question"] in json.dumps(body))
+        if q == 0:
+            return 401, {"error": {"message": "bad key"}}, {}, 0.1
+        return (*ok(index, body)[:3], [0.0, 0.1, 0.0, 1.0][q])
+
+    server = fake_server(respond)
+    write_jsonl = prepare.write_jsonl
+
+    def slow_first(path, rows):
+        if not any(path.parent.glob("*.jsonl")):
+            time.sleep(0.5)
+        write_jsonl(path, rows)
+
+    monkeypatch.setattr(prepare, "write_jsonl", slow_first)
+    t0 = time.perf_counter()
+    with pytest.raises(teacher.TeacherError, match="HTTP 401"):
+        teacher.http_teacher(
+            questions,
+            tmp_path / "t.jsonl",
+            server.url,
+            "teach",
+            strategies_=["cot", "pot"],
+            n=2,
+            workers=4,
+            retries=0,
+            progress=False,
+        )
+    assert time.perf_counter() - t0 < 0.9  # not held up by q3's requests
+    parts = (tmp_path / "t.jsonl.parts").glob("*.jsonl")
+    saved = {r["id"] for p in parts for r in teacher.read_rows(p)}
+    assert saved == {questions[1]["id"], questions[2]["id"]}
+    time.sleep(1.3)  # q3's first answer is in: it must not ask for its second strategy
+    asked_q3 = [b for _, _, b in server.requests if questions[3]["question"] in json.dumps(b)]
+    assert len(asked_q3) == 1
 
 
 @pytest.mark.parametrize(
