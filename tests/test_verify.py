@@ -161,6 +161,10 @@ def test_is_correct_tolerance_and_exact_mode():
     assert not verify.is_correct(1 / 3, 0.33333, rel_tol=0)  # the paper's exact equality
     assert verify.is_correct(0.5, 0.50, rel_tol=0)
     assert verify.is_correct(1e-12, 0)  # float noise around zero
+    # a whole gold number takes rounding noise only: relative slack would pass a wrong integer
+    assert verify.is_correct(4 - 1e-15, 4) and verify.is_correct(160_000.0000001, 160_000)
+    assert not verify.is_correct(10_001, 10_000) and not verify.is_correct(160_016, 160_000)
+    assert not verify.is_correct(72.001, 72)
     assert not verify.is_correct(None, 3)
     with pytest.raises(ValueError, match="rel_tol"):
         verify.is_correct(1.0, 1.0, rel_tol=-1)
@@ -415,6 +419,17 @@ def test_allowed_modules_come_without_their_submodules(box):
     assert "AttributeError" in run_hostile(box, "import statistics\nanswer = statistics.random")
 
 
+def test_strip_code_fence():
+    program = "x = 3\nanswer = x\n"
+    assert verify.strip_code_fence(f"```python\n{program}```\nSo 3.") == program
+    assert verify.strip_code_fence(f"Here it is:\n```\n{program}```") == program
+    assert verify.strip_code_fence(f"Here it is:\n```py\n{program}") == program  # cut off
+    # a lone closing fence after the program (an opening one would leave it nothing to run)
+    assert verify.strip_code_fence(f"{program}```\nSo the answer is 3.") == program
+    assert verify.strip_code_fence(f"{program}```") == program
+    assert verify.strip_code_fence(program) == program
+
+
 def test_program_too_long(box):
     error = run_hostile(box, "answer = 1\n" * 10_000)
     assert "longer" in error
@@ -432,10 +447,44 @@ def test_changing_a_shared_class_does_not_leak(tmp_path):
 
 
 def test_decimal_context_does_not_leak():
+    third = "from decimal import Decimal\nanswer = Decimal(1) / Decimal(3)"
     with PotSandbox(workers=1) as one:
-        assert one.run("import decimal\ndecimal.getcontext().prec = 2\nanswer = 1") == (1.0, None)
-        value, _ = one.run("from decimal import Decimal\nanswer = Decimal(1) / Decimal(3)")
-        assert value == pytest.approx(1 / 3, rel=1e-12)
+        for poison in (
+            "import decimal\ndecimal.getcontext().prec = 2\nanswer = 1",
+            "import decimal\ndecimal.DefaultContext.prec = 2\nanswer = 1",  # Context() copies it
+            "import decimal\ndecimal.ExtendedContext.prec = 2\nanswer = 1",
+        ):
+            assert one.run(poison) == (1.0, None)
+            assert one.run(third).value == pytest.approx(1 / 3, rel=1e-12)
+            both = one.run_batch([poison, "import decimal\nanswer = decimal.Context().prec"])
+            assert both[1].value == 28
+        assert one.started == 1  # nothing shared changed: the same worker throughout
+
+
+def test_no_attribute_access_by_a_runtime_name(box):
+    # functools.update_wrapper reads any attribute named by a string (statistics.mean's globals,
+    # then os and sys), and type(name, bases, dict) builds a class with any dunder method.
+    wrapper = (
+        "import functools, statistics\nu = '_' * 2\n"
+        "functools.update_wrapper(lambda: 0, statistics.mean, assigned=(u + 'globals' + u,))\n"
+    )
+    assert "AttributeError" in run_hostile(box, wrapper + "answer = 1")
+    assert "cannot import name 'wraps'" in run_hostile(
+        box, "from functools import wraps\nanswer = 1"
+    )
+    maker = "u = '_' * 2\nW = type('W', (), {u + 'setattr' + u: lambda s, k, v: 0})\nanswer = 1"
+    assert "type() takes exactly one argument" in run_hostile(box, maker)
+    assert box.run("answer = 1 if type(3) is int else 0") == (1.0, None)
+
+
+def test_changing_a_shared_module_retires_the_worker():
+    # without the restricted builtins a program imports the real module, not a copy of it
+    config = SandboxConfig(restricted_builtins=False)
+    with PotSandbox(workers=1, config=config) as one:
+        poison = "import statistics\nstatistics.fmean = lambda xs: 999\nanswer = 1"
+        check = "import statistics\nanswer = statistics.fmean([1, 2, 3])"
+        assert [r.value for r in one.run_batch([poison, check])] == [1.0, 2.0]
+        assert one.started == 2
 
 
 def test_ast_check_rejects_before_running():
