@@ -417,5 +417,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         main(args.source, args.out, tuple(args.only), progress=not args.quiet)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: e.g. an unwritable --out
         sys.exit(f"prepare.py: {e}")

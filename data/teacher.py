@@ -465,5 +465,5 @@ if __name__ == "__main__":
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     try:
         main(parser.parse_args())
-    except (ValueError, TeacherError) as e:
+    except (ValueError, TeacherError, OSError) as e:  # OSError: e.g. an unwritable --out
         sys.exit(f"teacher.py: {e}")

@@ -339,6 +339,12 @@ def test_cli(tmp_path):
         f"prepare.py: {tmp_path / 'none' / 'gsm8k' / 'train.jsonl'}: missing (expected "
         "gsm8k/train.jsonl, as listed in data/prepare.py FILES)"
     ]
+    blocker = tmp_path / "a_file"  # an --out under a file: one line, not a traceback
+    blocker.write_text("")
+    cmd = [sys.executable, str(script), "--from", str(SHARED), "--out", str(blocker / "out")]
+    proc = subprocess.run(cmd + ["--only", "svamp"], capture_output=True, text=True)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("prepare.py: [Errno 20] Not a directory")
     # siked.py's import, from the repo root.
     code = "from data import prepare; print(sorted(prepare.SPLITS))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

@@ -524,6 +524,12 @@ def test_cli(tmp_path):
         "teacher.py: http://127.0.0.1:9/v1/chat/completions: unreachable ([Errno 111] Connection "
         "refused)"
     ]
+    blocker = tmp_path / "a_file"  # an --out under a file: one line, not a traceback
+    blocker.write_text("")
+    cmd = [sys.executable, script, "--gold", "--out", str(blocker / "g.jsonl"), "--limit", "1"]
+    proc = subprocess.run(cmd + ["--data", str(SHARED)], capture_output=True, text=True)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("teacher.py: [Errno 20] Not a directory")
 
 
 # ------------------------------------------------------------------------------------ real models
