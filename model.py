@@ -524,7 +524,8 @@ def _ids(x) -> list:  # config ids are a number, a list or null
 
 class Tokenizer:
     """tokenizers.Tokenizer plus the checkpoint's special ids and its chat format, written by hand.
-    encode(text, bos=tok.add_bos) equals transformers' tokenizer(text), special tokens included."""
+    encode(text, bos=tok.add_bos) equals transformers' tokenizer(text), special tokens included,
+    except that a text already starting with <bos> (a Gemma chat) gets no second one."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -569,14 +570,16 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
+        if bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            return [self.bos_id, *ids]
+        return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The text of transformers' apply_chat_template, or role-labelled paragraphs for a base
-        model without a template (Gemma's starts with <bos>: encode it with bos=False)."""
+        model without a template (Gemma's starts with <bos>, which encode does not repeat)."""
         if self.chat_format == "chatml":
             if self.default_system is not None and messages and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self.default_system}, *messages]

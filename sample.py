@@ -236,8 +236,8 @@ def _sample_nucleus(p: Tensor, top_p: float, generator: torch.Generator) -> Tens
 
     Accept a draw if the tokens strictly likelier than it hold < top_p (it is in the nucleus);
     else it and every token at most as likely are out: exclude them and draw again. The accepted
-    draw is distributed as p renormalised over the nucleus, after ~1.05 rounds on average. Ties at
-    the boundary go out together (filter_logits's sort would break them arbitrarily).
+    draw is distributed as p renormalised over the nucleus, after ~1.05 rounds on average. Tokens
+    tied at the boundary stay in together (filter_logits's sort would keep an arbitrary part).
     """
     B = p.shape[0]
     out = torch.empty(B, dtype=torch.long, device=p.device)
@@ -576,9 +576,11 @@ def generate(
                 for r, reason in finished:
                     s, br = slots[r], branches[slots[r].branch]
                     text = tokenizer.decode(s.ids[:-1] if reason == "eos" else s.ids)
-                    if reason == "stop":  # cut at the first stop string of the full decode
-                        cut = _find_stop(text, stop)
-                        text = text if cut < 0 else text[:cut]
+                    # cut at the first stop string of the full decode: also at eos or the length
+                    # limit, when the checker was still waiting on a partial character (U+FFFD)
+                    cut = _find_stop(text, stop) if stop else -1
+                    if cut >= 0:
+                        text, reason = text[:cut], "stop"
                     c = Completion(text, s.ids, reason, lp[r], br.continuation)
                     results[br.prompt][br.out + s.sample] = c
                     slots[r] = None

@@ -270,6 +270,9 @@ def test_smollm2_chat_matches_apply_chat_template(smol, smollm2_dir):
         for gen in (True, False):
             want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
             assert tok.chat(messages, add_generation_prompt=gen) == want
+            # as every caller encodes a prompt; Gemma's <bos> is in the text and not doubled
+            ids = hf.apply_chat_template(messages, add_generation_prompt=gen, return_dict=True)
+            assert tok.encode(want, bos=tok.add_bos) == ids["input_ids"]
 
 
 # The hub's chat templates of Qwen2-Instruct, Qwen2.5-Instruct and Gemma-it, verbatim
@@ -397,6 +400,9 @@ def test_chat_formats_match_templates(family, tmp_path):
         for gen in (True, False):
             want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
             assert tok.chat(messages, add_generation_prompt=gen) == want
+            # as every caller encodes a prompt; Gemma's <bos> is in the text and not doubled
+            ids = hf.apply_chat_template(messages, add_generation_prompt=gen, return_dict=True)
+            assert tok.encode(want, bos=tok.add_bos) == ids["input_ids"]
     end = "<end_of_turn>" if family == "gemma" else "<|im_end|>"
     assert hf.convert_tokens_to_ids(end) in tok.stop_ids
 

@@ -433,6 +433,24 @@ def test_stop_strings_cut_exactly(tiny, tok):
     assert stop in tok.decode(c.token_ids) and stop not in tok.decode(c.token_ids[:-1])
 
 
+def test_stop_string_completed_by_a_partial_character_is_cut(tiny, tok, monkeypatch):
+    # " " + the first byte of a multi-byte character completes "Answer: ", but the checker waits
+    # for the character (U+FFFD); the sample ends first, by eos or by its length limit
+    _, ours = tiny
+    texts = [tok.decode([i]) for i in range(tok.tok.get_vocab_size())]
+    partial = next(i for i, t in enumerate(texts) if t.startswith(" ") and t.endswith("\ufffd"))
+    script = tok.encode("Answer:") + [partial]
+    for tail, limit in (([tok.eos_id], 10), ([], len(script))):
+        draws = iter(script + tail)
+
+        def scripted(logits, draws=draws, **kw):
+            return torch.tensor([next(draws)])
+
+        monkeypatch.setattr(sample_module, "sample_next_token", scripted)
+        out = generate(ours, tok, [PROMPTS[0]], max_new_tokens=limit, stop=["Answer: "])
+        assert (out[0][0].text, out[0][0].finish_reason) == ("", "stop")
+
+
 def test_finish_reasons_and_context_limit(tmp_path, smollm2_dir, tok):
     vocab = json.loads((smollm2_dir / "config.json").read_text())["vocab_size"]
     _, ours = _tiny(tmp_path, vocab, seed=2, max_len=48)
