@@ -84,6 +84,15 @@ def test_mix_rate_forces_alpha_by_sampling_the_teacher_part():
         siked.mix(teacher, student, "adaptive", mix_rate=1.5)
 
 
+def test_mix_rate_takes_the_nearest_alpha_and_keeps_the_pool_without_d_self():
+    teacher = [row(f"t{i}", "cot", "teacher") for i in range(100)]
+    rows, alpha = siked.mix(teacher, [], "adaptive", mix_rate=0.3)
+    assert len(rows) == 100 and alpha == 1.0  # no D_self: every teacher row, as without a rate
+    # one student row: 0 teacher rows give alpha 0, 1 gives 0.5, which is nearer 0.3
+    rows, alpha = siked.mix(teacher, [row("s0", "cot", "student")], "adaptive", mix_rate=0.3)
+    assert len(rows) == 2 and alpha == 0.5
+
+
 def test_biased_selection_follows_the_priority_orders():
     rows = [
         row("q1", "cot", "teacher"),
@@ -104,22 +113,78 @@ def test_biased_selection_follows_the_priority_orders():
 def test_off_policy_puts_other_teacher_samples_in_the_students_place(tmp_path):
     (tmp_path / "teacher").mkdir()
     teacher_file = [
-        dict(row("q1", "cot", "local:m", "t1"), correct=True),
-        dict(row("q1", "cot", "local:m", "t2"), correct=True),
-        dict(row("q1", "cot", "local:m", "t3"), correct=False),
-        dict(row("q2", "pot", "local:m", "t4"), correct=True),
+        dict(row("q1", "cot", "local:m", "t1"), answer=1.0, correct=True),
+        dict(row("q1", "cot", "local:m", "t2"), answer=1.0, correct=True),
+        dict(row("q1", "cot", "local:m", "t3"), answer=2.0, correct=False),
+        dict(row("q2", "pot", "local:m", "t4"), answer=3.0, correct=True),
     ]
     siked.write_jsonl(tmp_path / "teacher" / "teacher.jsonl", teacher_file)
     d_llm = [dict(teacher_file[0], source="teacher"), dict(teacher_file[3], source="teacher")]
     student = [row("q1", "cot", "student", "s1"), row("q2", "pot", "student", "s2"),
                row("q3", "cot", "student", "s3")]  # fmt: skip
-    R = SimpleNamespace(dir=tmp_path, log=lambda m: None)
+    questions = {"q1": {"answer": 1.0}, "q2": {"answer": 3.0}}
+    R = SimpleNamespace(
+        dir=tmp_path, log=lambda m: None, cfg=siked.RunConfig(), questions=questions
+    )
     rows, info = siked.off_policy_rows(R, student, d_llm)
     assert [(r["id"], r["text"], r["source"]) for r in rows] == [
         ("q1", "t2", "teacher"),  # the teacher's other correct sample of q1/cot
         ("q2", "t4", "teacher"),  # no other one for q2/pot: D_LLM's own
     ]  # q3/cot: the teacher never solved it, so no teacher row can stand in
     assert info == {"extra_teacher": 1, "reused_teacher": 1, "dropped": 1}
+
+
+def test_off_policy_judges_the_teacher_file_at_rel_tol(tmp_path):
+    """teacher.jsonl holds data/teacher.py's verdicts at its default tolerance; --rel-tol 0 judges
+    the other samples exactly, as the teacher stage judged D_LLM."""
+    (tmp_path / "teacher").mkdir()
+    teacher_file = [
+        dict(row("q1", "cot", "local:m", "t1"), answer=2.5, correct=True),
+        dict(row("q1", "cot", "local:m", "t2"), answer=2.5001, correct=True),  # within 1e-4
+    ]
+    siked.write_jsonl(tmp_path / "teacher" / "teacher.jsonl", teacher_file)
+    d_llm = [dict(teacher_file[0], source="teacher")]
+    for rel_tol, text in ((1e-4, "t2"), (0.0, "t1")):  # 0: t2 is wrong, D_LLM's own stands in
+        cfg, questions = siked.RunConfig(rel_tol=rel_tol), {"q1": {"answer": 2.5}}
+        R = SimpleNamespace(dir=tmp_path, log=lambda m: None, cfg=cfg, questions=questions)
+        rows, _ = siked.off_policy_rows(R, [row("q1", "cot", "student", "s1")], d_llm)
+        assert [r["text"] for r in rows] == [text], rel_tol
+
+
+def stage_run(folder, strategies):
+    """A Run in folder whose teacher stage kept `strategies`, for the stages after it."""
+    cfg = siked.RunConfig(model="m", iterations=2, lr=2e-4, dtype="float32")
+    siked.write_json(
+        folder / "teacher" / "DONE", {"source": "gold", "strategies": strategies, "wall_s": 1.0}
+    )
+    return siked.Run(cfg, folder, siked.Dist(), None, None, {"q1": {"answer": 5.0}}, ["q1"], [])
+
+
+def test_filter_drops_samples_of_a_strategy_the_teacher_dropped(tmp_path):
+    R = stage_run(tmp_path, ["cot", "pot"])  # l2m dropped (no train_socratic)
+    samples = [  # --sampling free: the student may still pick l2m
+        row("q1", "l2m", "student", "Sub-question 1: 2 + 3?\nFinal Answer: 5"),
+        row("q1", "cot", "student", "2 + 3 = 5\nFinal Answer: 5"),
+    ]
+    siked.write_jsonl(tmp_path / "iter2" / "sample" / "samples.jsonl", samples)
+    (tmp_path / "iter2" / "filter").mkdir()
+    siked.stage_filter(R, tmp_path / "iter2" / "filter", 2)
+    rows = siked.read_jsonl(tmp_path / "iter2" / "filter" / "samples.jsonl")
+    assert [r["verdict"] for r in rows] == ["strategy_dropped", "kept"]
+    kept = siked.read_jsonl(tmp_path / "iter2" / "filter" / "kept.jsonl")
+    assert [r["strategy"] for r in kept] == ["cot"]
+
+
+def test_report_shows_a_trained_strategy_the_mix_did_not_count(tmp_path):
+    """A run whose filter kept a strategy the teacher dropped: the report lists it, no KeyError."""
+    R = stage_run(tmp_path, ["cot", "pot"])
+    done = lambda stage, **info: siked.write_json(tmp_path / stage / "DONE", dict(info, wall_s=1))
+    mixed = {s: {"teacher": n, "student": 0} for s, n in (("cot", 1), ("pot", 0))}
+    done("iter2/mix", rows=2, alpha=0.5, per_strategy=mixed)
+    done("iter2/train", rows=2, sequences=1, steps=1, per_strategy={"cot": 1, "l2m": 1})
+    siked.write_report(R)
+    report = (tmp_path / "report.md").read_text()
+    assert "iter2 train       l2m" in report and "(teacher 0, student 0)" in report
 
 
 def test_wilson_interval():

@@ -294,7 +294,8 @@ def mean_loss(model, exs) -> float:
 
 
 def test_training_resumes_from_its_checkpoint_to_the_same_weights(tiny_dir, tmp_path):
-    """A run stopped after its step-2 checkpoint and resumed equals the uninterrupted run."""
+    """A run stopped after its step-2 checkpoint and resumed equals the uninterrupted run, in its
+    weights and in the losses it reports (the first one is step 0's, kept in the checkpoint)."""
     exs = examples_abc() * 3
     cfg = cfg_for_test(epochs=2, batch_size=4, micro_batch_size=2, ckpt_every=2, max_seq_len=12)
     ckpt = tmp_path / "ckpt.pt"
@@ -307,7 +308,8 @@ def test_training_resumes_from_its_checkpoint_to_the_same_weights(tiny_dir, tmp_
 
     resumed = load(tiny_dir)
     siked.add_lora(resumed, r=4, alpha=8, seed=123)  # other init: the checkpoint overrides it
-    siked.train(resumed, exs, cfg, device=torch.device("cpu"), ckpt_path=ckpt)
+    again = siked.train(resumed, exs, cfg, device=torch.device("cpu"), ckpt_path=ckpt)
+    assert (again["first_loss"], again["final_loss"]) == (stats["first_loss"], stats["final_loss"])
     for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=n)
 
