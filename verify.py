@@ -7,10 +7,11 @@ the filter every iteration's data goes through (about 70,000 PoT programs per it
     run_pot_batch(["answer = 48 / 2 + 48", "while True: pass"])
     # [(72.0, None), (None, 'timeout after 2s')]
 
-Answers (CoT, L2M): the number after the last `Final Answer:`, else `####`, else "the answer is",
-else the last number (`1,234`, `$1,234.50`, `-3`, `3/4`, `12%` is 12 as in GSM8K, `.75`). PoT: the
-program's `answer` variable, else what `solution()` returns, as a float; bool, nan, str etc. are
-errors. Results are `PotResult` pairs `(value, error)`, one of them None, with the `.stdout`.
+Answers (CoT, L2M): the number after the last `Final Answer:` (after the last `=` of its line, if
+any), else `####`, else "the answer is", likewise, else the last number (`1,234`, `$1,234.50`,
+`-3`, `3/4`, `12%` is 12 as in GSM8K, `.75`). PoT: the program's `answer` variable, else what
+`solution()` returns, as a float; bool, nan, str etc. are errors. Results are `PotResult` pairs
+`(value, error)`, one of them None, with the `.stdout`.
 
 The sandbox: persistent worker processes (`python -I -S verify.py --worker`, scrubbed environment,
 own session) get source text and answer with JSON lines; the parent never unpickles, parses or runs
@@ -139,7 +140,13 @@ def extract_answer(text: str, strategy: str | None) -> float | None:
         return run_pot(strip_code_fence(text))[0]
     for marker in _MARKERS:
         found = list(marker.finditer(text))
-        value = next(_numbers(text[found[-1].end() :]), None) if found else None
+        if not found:
+            continue
+        tail = text[found[-1].end() :]
+        line = tail.split("\n", 1)[0]
+        # "Final Answer: 40/100*12000 = 4800": the result, not the expression's first number
+        after_eq = next(_numbers(line.rsplit("=", 1)[1]), None) if "=" in line else None
+        value = after_eq if after_eq is not None else next(_numbers(tail), None)
         if value is not None:
             return value
     values = list(_numbers(text))

@@ -111,6 +111,9 @@ def shared_dir():
         ("Final Answer: 3 / 4 of a cup", 0.75),
         ("He paid $ 1,250 in all.", 1250.0),
         ("Final Answer: 10,000,000", 10_000_000.0),
+        ("Final Answer: 40/100*12000 = 4800", 4800.0),  # the result, not 40/100
+        ("Final Answer: x = $5.\nThen 7 = 7", 5.0),
+        ("Final Answer: 6 = six", 6.0),  # no number after the = of its line
     ],
 )
 def test_extract_answer_number_forms(text, expected):
