@@ -111,10 +111,14 @@ def single_prompt(question: str, strategy: str) -> str:
 
 
 def format_target(strategy: str, body: str) -> str:
-    return _strategy(strategy).tag + body
+    """The tagged response; a body that starts with whitespace (a student's "\n\n...") follows the
+    tag's colon as it was generated, so a D_self row trains on the student's own tokens."""
+    tag = _strategy(strategy).tag
+    return (tag.rstrip() if body[:1].isspace() else tag) + body
 
 
-_TAG_RE = re.compile(r"\s*\[\s*(cot|l2m|pot)\s*\](?:\s*:\s?)?", re.I)  # small students drop the ":"
+# small students drop the ":"; one space after it belongs to the tag unless more whitespace follows
+_TAG_RE = re.compile(r"\s*\[\s*(cot|l2m|pot)\s*\](?:\s*:(?: (?!\s))?)?", re.I)
 
 
 def parse_solution(text: str) -> tuple[str | None, str]:

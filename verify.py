@@ -90,10 +90,12 @@ _NUMBER_RE = re.compile(
     """,
     re.X,
 )
+# a marker ends in a colon or is followed by a number: "the final answer we need is..." is prose
+_NUMBER_NEXT = r"(?=\s*[-$\d.])"
 _MARKERS = (
-    re.compile(r"final answer\s*(?:is)?\s*[:：]?", re.I),
+    re.compile(rf"final answer\s*(?::|：|is\s*[:：]?{_NUMBER_NEXT})", re.I),
     re.compile(r"####"),
-    re.compile(r"the answer is\s*[:：]?", re.I),
+    re.compile(rf"the answer is\s*(?:[:：]|{_NUMBER_NEXT})", re.I),
 )
 _FENCE_RE = re.compile(r"```(?:python|py)?[ \t]*(?:\n|\Z)(.*?)(?:```|\Z)", re.S | re.I)
 

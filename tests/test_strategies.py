@@ -130,6 +130,14 @@ def test_format_target_and_parse_solution_round_trip(strategy, body):
     assert S.parse_solution(S.format_target(strategy, body)) == (strategy, body)
 
 
+@pytest.mark.parametrize(
+    "generated", ["[cot]: Step 1", "[cot]:\n\nStep 1", "[pot]:\nx = 1", "[l2m]:  two", "[cot]: \nA"]
+)
+def test_a_students_response_is_trained_on_as_generated(generated):
+    # D_self: the sample is parsed into (strategy, body), the target rebuilt from them
+    assert S.format_target(*S.parse_solution(generated)) == generated
+
+
 def test_parse_solution_forgives_case_and_spacing_and_reports_no_tag():
     assert S.parse_solution("[COT]:so 3") == ("cot", "so 3")
     assert S.parse_solution("  [ pot ] : answer = 1") == ("pot", "answer = 1")

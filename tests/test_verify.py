@@ -112,6 +112,12 @@ def shared_dir():
         ("He paid $ 1,250 in all.", 1250.0),
         ("Final Answer: 10,000,000", 10_000_000.0),
         ("Final Answer: 40/100*12000 = 4800", 4800.0),  # the result, not 40/100
+        # "final answer" in prose is no marker: a colon or a number must follow
+        ("To get the final answer we first halve 48.\n48/2 = 24\n48 + 24 = 72", 72.0),
+        ("Sub-question 2: What is the final answer?\nAnswer to Sub-question 2: 24 + 48 = 72", 72.0),
+        ("Final Answer: 72\nThe final answer is correct because 2 checks.", 72.0),
+        ("The final answer is 45", 45.0),
+        ("Is the answer is right? 3 + 4 = 7", 7.0),
         ("Final Answer: x = $5.\nThen 7 = 7", 5.0),
         ("Final Answer: 6 = six", 6.0),  # no number after the = of its line
     ],
