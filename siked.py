@@ -16,8 +16,9 @@ SPEC.md. Loop and CLI modelled on nanoGPT's train.py and nanochat's chat_rl.py.
     python siked.py --model smollm-1.7b                      # the paper's settings, 3 iterations
                                                              # paper's student: smollm-1.7b-instruct
     python siked.py --model smollm2-135m-instruct --quick    # a small run: minutes on a CPU
-    torchrun --nproc_per_node 8 siked.py --model qwen2-1.5b  # DDP training, sharded sampling/eval
-    torchrun --nproc_per_node 8 siked.py --model gemma-7b-it --full-finetune --fsdp  # sharded
+    torchrun --nproc_per_node 8 siked.py --model qwen2-1.5b --micro-batch-size 1  # DDP, 8 x 1
+    torchrun --nproc_per_node 8 siked.py --model gemma-7b-it --micro-batch-size 1 --full-finetune \
+        --fsdp  # every weight sharded over the 8 processes
     python siked.py --model smollm-1.7b --strategies cot     # the CoT-only baseline (untagged)
     python siked.py --model smollm-1.7b --bias pot           # PoT-biased SIKeD
     python siked.py --model smollm-1.7b --teacher-url http://host:8000/v1 --teacher-model llama3-70b
@@ -43,7 +44,8 @@ Departures from the paper, on purpose:
 7. LoRA by hand (not unsloth/PEFT), same r, alpha and targets; fp32 adapters on base weights in
    the run's dtype, bf16 autocast on CUDA.
 8. transformers' linear warmup/decay schedule per optimizer step (step 0 runs at lr 0); 8 packed
-   sequences per optimizer step.
+   sequences per optimizer step; the loss is averaged over the step's tokens ([R]'s Trainer
+   averaged per micro-batch); fp32 where bf16 is not supported (SPEC: fp16).
 9. Biased SIKeD samples each strategy forced too (SPEC 5.2), then the priority order picks one
    solution per question; [R] let its biased students pick (--sampling free).
 10. Off-policy (SPEC 1.6; the paper's setup is unknown): each student row of the mix gives way
