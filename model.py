@@ -159,13 +159,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * hd, config.dim, bias=False)
+        self.qkv_proj = None  # while sampling on CPU: q, k and v in one matmul (sample.py)
 
     def forward(self, x, cos, sin, input_pos, mask, kv_cache) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
-        q = self.q_proj(x).view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, n_heads, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv_heads, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split([self.n_heads * hd, *[self.n_kv_heads * hd] * 2], -1)
+        q = q.view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, n_heads, T, hd)
+        k = k.view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv_heads, T, hd)
+        v = v.view(B, T, self.n_kv_heads, hd).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # RoPE
         if kv_cache is not None:
             k, v = kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, hd)
@@ -192,12 +197,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
         self.gemma = config.family == "gemma"
+        self.gate_up_proj = None  # while sampling on CPU: gate and up in one matmul (sample.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
         # Gemma's config says "gelu" but means the tanh approximation (transformers PR #29402)
-        gate = self.gate_proj(x)
         gate = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * up)
 
 
 class Block(nn.Module):

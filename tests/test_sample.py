@@ -141,7 +141,7 @@ def test_compiled_decode_step_matches_eager(tiny, tok):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linears_match_and_put_the_model_back(tiny, dtype):
+def test_packed_linears_match_and_put_the_model_back(tiny, dtype, monkeypatch):
     """oneDNN-prepacked weights give the same logits, the dense weights hold no memory meanwhile,
     and the model comes back bit for bit and trainable, also after an error inside."""
     model = copy.deepcopy(tiny[1]).to(dtype)
@@ -154,12 +154,18 @@ def test_packed_linears_match_and_put_the_model_back(tiny, dtype):
     with torch.inference_mode():
         plain = model(tokens)
         with pack_linears(model):
-            assert sum(isinstance(m, _PackedLinear) for m in model.modules()) == 2 * 7 + 1
+            # per layer q+k+v, o, gate+up, down; and the tied head
+            assert sum(isinstance(m, _PackedLinear) for m in model.modules()) == 2 * 4 + 1
             assert len(dense) == 2 * 7 and {p.numel() for p in dense} == {0}
             packed = model(tokens)
         with pytest.raises(KeyError), pack_linears(model):
             raise KeyError("inside")
+        monkeypatch.setattr(sample_module, "FUSED", [])
+        with pack_linears(model):
+            assert sum(isinstance(m, _PackedLinear) for m in model.modules()) == 2 * 7 + 1
+            apart = model(tokens)
     torch.testing.assert_close(packed, plain)
+    assert torch.equal(packed, apart)  # one matmul for q, k and v (gate and up) changes no bit
     assert list(model.modules()) == modules and model.lm_head is None
     assert list(model.parameters()) == params  # the same Parameters: optimizers keep them
     after = model.state_dict()
