@@ -19,7 +19,7 @@ SPEC.md. Loop and CLI modelled on nanoGPT's train.py and nanochat's chat_rl.py.
     torchrun --nproc_per_node 8 siked.py --model qwen2-1.5b --micro-batch-size 1  # DDP, 8 x 1
     torchrun --nproc_per_node 8 siked.py --model gemma-7b-it --micro-batch-size 1 --full-finetune \
         --fsdp  # every weight sharded over the 8 processes
-    python siked.py --model smollm-1.7b --strategies cot     # the CoT-only baseline (untagged)
+    python siked.py --model smollm-1.7b --strategies cot --iterations 1  # CoT-only baseline
     python siked.py --model smollm-1.7b --bias pot           # PoT-biased SIKeD
     python siked.py --model smollm-1.7b --teacher-url http://host:8000/v1 --teacher-model llama3-70b
 
@@ -37,7 +37,8 @@ Departures from the paper, on purpose:
    held-out GSM8K-train split (seed 42), never on test ([R] chose its checkpoints on test).
 3. Answers match with a relative tolerance of 1e-4, whole-number golds up to rounding noise only
    (--rel-tol 0: the paper's exact equality).
-4. MultiArith: all 600 problems (the paper's 180-problem HF split cannot be rebuilt here).
+4. MultiArith: all 600 problems (the paper's 180-problem HF split cannot be rebuilt here); ASDiv:
+   the 2,096 of 2,305 problems with a numeric answer (data/prepare.py).
 5. The PoT sandbox (verify.py) has no sympy: programs that import it count as wrong.
 6. Packing without cross-contamination: each example attends only to itself, positions from 0
    (TRL's packing of the time let examples see each other).
@@ -122,7 +123,7 @@ class RunConfig:
     only: str | None = arg(None, "run only this stage, wherever its inputs are finished", STAGES)
     strategies: tuple[str, ...] = arg(
         ("cot", "l2m", "pot"),
-        "comma list of cot,l2m,pot; one alone: its untagged baseline",
+        "comma list of cot,l2m,pot; one alone: untagged (with --iterations 1: its baseline)",
         group="data and teacher",
     )
     train_limit: int | None = arg(None, "training questions, of those not held out (default: all)")

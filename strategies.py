@@ -9,7 +9,8 @@ bodies end with `Final Answer: <number>`, a PoT body is a program that sets `ans
     parse_solution("[pot]: answer = 3") # ("pot", "answer = 3")
 
 Prompts use SPEC 1.2's Alpaca layout in our own wording. Departure from [R]: the single-strategy
-baselines' instruction names the strategy and its answer format, not only "solve the problem".
+baselines' instruction names the strategy, not only "solve the problem" (the answer format is
+learnt from the targets).
 Teacher prompts are 8-shot chats on GSM8K train exemplars (TEACHER_EXEMPLAR_IDS, never evaluated
 on) with L2M solutions written for this project (GSM8K's train_socratic file is not available).
 The gold converters turn a GSM8K rationale (annotations `<<48/2=24>>`, `#### 72`) into bodies.
