@@ -547,6 +547,8 @@ def generate(
                     fill(b, new.pop(b), kv)
                 if queued[b] > 0:  # keep a compact copy, not the prefill buffers
                     pending_kv[b] = [(k.clone(), v.clone()) for k, v in kv]
+                else:  # all started: an older copy (its prompt prefilled again) is not needed
+                    pending_kv.pop(b, None)
         for b, idx in new.items():
             fill(b, idx, pending_kv[b])
             if queued[b] == 0:
