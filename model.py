@@ -597,12 +597,12 @@ class Tokenizer:
         if self.chat_format == "gemma":  # no system role; user/model turns alternate
             text = self.bos_text
             for i, m in enumerate(messages):
-                if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+                role = "model" if m["role"] == "assistant" else m["role"]  # Gemma's own name too
+                if role != ("user" if i % 2 == 0 else "model"):
                     raise ValueError(
                         f"Gemma chat: message {i} has role {m['role']!r} (expected "
                         "user and assistant turns alternating, user first)"
                     )
-                role = "model" if m["role"] == "assistant" else "user"
                 text += f"<start_of_turn>{role}\n{m['content'].strip()}<end_of_turn>\n"
             return text + ("<start_of_turn>model\n" if add_generation_prompt else "")
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)

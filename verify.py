@@ -84,14 +84,14 @@ _INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
 _NUMBER_RE = re.compile(
     rf"""
     (?<![\w.])                          # not in the middle of a word or a number
-    (?P<sign>-)?(?:\$\s?)?(?P<sign2>-)?  # -3, -$3, $-3, $ 3 (not `- 3`: that is subtraction)
+    (?P<sign>[-−])?(?:\$\s?)?(?P<sign2>[-−])?  # -3, -$3, $-3, $ 3, −3 (U+2212); `- 3` subtracts
     (?P<num>{_INT}(?:\.\d+)?|\.\d+)     # 1,234.50  12  .75
     (?:\s*/\s*(?P<den>{_INT}(?:\.\d+)?)(?![\d/]))?  # 3/4 (not a date like 1/2/2020)
     """,
     re.X,
 )
 # a marker ends in a colon or is followed by a number: "the final answer we need is..." is prose
-_NUMBER_NEXT = r"(?=\s*[-$\d.])"
+_NUMBER_NEXT = r"(?=\s*[-−$\d.])"
 _MARKERS = (
     re.compile(rf"final answer\s*(?::|：|is\s*[:：]?{_NUMBER_NEXT})", re.I),
     re.compile(r"####"),

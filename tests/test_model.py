@@ -403,6 +403,11 @@ def test_chat_formats_match_templates(family, tmp_path):
             # as every caller encodes a prompt; Gemma's <bos> is in the text and not doubled
             ids = hf.apply_chat_template(messages, add_generation_prompt=gen, return_dict=True)
             assert tok.encode(want, bos=tok.add_bos) == ids["input_ids"]
+    if family == "gemma":  # the template also takes its own name for the assistant
+        turns = [{"role": "user", "content": "2 + 3?"}, {"role": "model", "content": "5"}]
+        assert tok.chat(turns) == hf.apply_chat_template(
+            turns, tokenize=False, add_generation_prompt=True
+        )
     end = "<end_of_turn>" if family == "gemma" else "<|im_end|>"
     assert hf.convert_tokens_to_ids(end) in tok.stop_ids
 

@@ -95,6 +95,8 @@ def shared_dir():
         ("Final Answer: -3", -3.0),
         ("Final Answer: -$3", -3.0),
         ("Final Answer: $-3", -3.0),
+        ("Final Answer: −3", -3.0),  # U+2212
+        ("The final answer is −3", -3.0),
         ("Final Answer: 3/4", 0.75),
         ("Final Answer: 12%", 12.0),
         ("Final Answer: .75", 0.75),
