@@ -44,9 +44,9 @@ Design, and why:
    SmolLM2-135M on an AMD EPYC (on an Intel Xeon, where fp32 F.linear is MKL's sgemm, fp32 gains
    ~10% at 16 rows and loses at 1: README), bf16 logits bit-identical, fp32 within rounding.
    Layers reading one input run as one matmul (q/k/v, gate/up: FUSED; bit-identical to apart):
-   3-17% faster decode steps on the Xeon, 16-64 rows (noisy A/B). Each dense weight is freed
-   while its packed copy stands in and rebuilt from it after (exactly: oneDNN's reorder back), so
-   packing costs one layer at a time plus, for a tied head, its copy.
+   3-17% faster decode steps on the Xeon, 16-64 rows (noisy A/B; whole calls: 0-2%). Each dense
+   weight is freed while its packed copy stands in and rebuilt from it after (exactly: oneDNN's
+   reorder back), so packing costs one layer at a time plus, for a tied head, its copy.
    Prompts prefill in order of length, so a prefill chunk holds little padding.
 
 `Completion.logprob` sums log softmax of the raw fp32 logits over the generated tokens (eos and

@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 import siked
+import strategies
+import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -151,13 +153,40 @@ def test_off_policy_judges_the_teacher_file_at_rel_tol(tmp_path):
         assert [r["text"] for r in rows] == [text], rel_tol
 
 
-def stage_run(folder, strategies):
+def stage_run(folder, strategies, questions=None):
     """A Run in folder whose teacher stage kept `strategies`, for the stages after it."""
     cfg = siked.RunConfig(model="m", iterations=2, lr=2e-4, dtype="float32")
     siked.write_json(
         folder / "teacher" / "DONE", {"source": "gold", "strategies": strategies, "wall_s": 1.0}
     )
-    return siked.Run(cfg, folder, siked.Dist(), None, None, {"q1": {"answer": 5.0}}, ["q1"], [])
+    questions = questions or {"q1": {"answer": 5.0}}
+    return siked.Run(cfg, folder, siked.Dist(), None, None, questions, list(questions), [])
+
+
+def test_filter_keeps_the_first_correct_sample_per_question_and_strategy(tmp_path):
+    R = stage_run(tmp_path, ["cot", "l2m", "pot"], {"q1": {"answer": 5.0}, "q2": {"answer": 6.0}})
+    l2m = "Sub-question 1: What is 2 + 3?\nAnswer to Sub-question 1: 5.\nFinal Answer: 5"
+    samples = [  # (sample, its verdict by SPEC 1.4.2's rules, worked out by hand)
+        (row("q1", "cot", "student", "2 + 2 = 4\nFinal Answer: 4"), "wrong"),
+        (row("q1", "cot", "student", "2 + 3 = 5\nFinal Answer: 5"), "kept"),
+        (row("q1", "cot", "student", "So 5.\nFinal Answer: 5"), "correct_duplicate"),
+        (row("q1", "l2m", "student", "2 + 3 = 5\nFinal Answer: 5"), "no_subquestions"),
+        (row("q1", "l2m", "student", l2m), "kept"),
+        (row("q1", None, "student", "Final Answer: 5"), "no_tag"),
+        (row("q1", "pot", "student", "answer = 2 + 3"), "kept"),
+        (row("q2", "pot", "student", "answer = 2 + 3"), "wrong"),  # right for q1, not for q2
+        (row("q2", "pot", "student", "import os\nanswer = 6"), "wrong"),  # refused by the sandbox
+        (row("q2", "cot", "student", "3 + 3 = 6\nFinal Answer: 6"), "kept"),
+    ]
+    siked.write_jsonl(tmp_path / "iter2" / "sample" / "samples.jsonl", [s for s, _ in samples])
+    (tmp_path / "iter2" / "filter").mkdir()
+    info = siked.stage_filter(R, tmp_path / "iter2" / "filter", 2)
+    rows = siked.read_jsonl(tmp_path / "iter2" / "filter" / "samples.jsonl")
+    assert [r["verdict"] for r in rows] == [v for _, v in samples]
+    assert [r["pred"] for r in rows] == [4, 5, 5, 5, 5, 5, 5, 5, None, 6]
+    kept = siked.read_jsonl(tmp_path / "iter2" / "filter" / "kept.jsonl")
+    assert kept == [r for r in rows if r["verdict"] == "kept"]
+    assert (info["samples"], info["kept"]) == (10, 4)
 
 
 def test_filter_drops_samples_of_a_strategy_the_teacher_dropped(tmp_path):
@@ -349,7 +378,23 @@ def test_quick_run_writes_every_stage_and_the_report(finished_run):
     sample = json.loads(samples[0])
     assert {"id", "iteration", "strategy", "seed", "source", "verdict", "pred"} <= set(sample)
     assert len(samples) == 4 * 2  # 4 questions x (cot, pot: no socratic file for l2m) x 1
+    samples = [json.loads(x) for x in samples]
     split = json.loads((folder / "split.json").read_text())
+    # each question sampled once in each forced strategy; kept exactly when verify says right
+    pairs = sorted((r["id"], r["strategy"]) for r in samples)
+    assert pairs == sorted((q, s) for q in split["train"] for s in ("cot", "pot"))
+    for r in samples:
+        right = verify.is_correct(r["pred"], r["answer"])
+        assert (r["verdict"] in ("kept", "correct_duplicate")) == right, r
+    # eval: each row's tag and verdict, and each set's count, redone from its text
+    preds = [
+        json.loads(x) for x in (folder / "iter2/eval/predictions.jsonl").read_text().splitlines()
+    ]
+    for r in preds:
+        tag = strategies.parse_solution(r["text"])[0]
+        assert r["strategy"] == tag and r["correct"] == verify.is_correct(r["pred"], r["answer"])
+    for name, res in ev["sets"].items():
+        assert res["correct"] == sum(r["correct"] for r in preds if r["set"] == name)
     assert len(split["train"]) == 4 and not set(split["train"]) & set(split["heldout"])
 
 

@@ -343,3 +343,46 @@ def test_full_finetune_trains_every_weight(tiny_dir):
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert len(changed) == len(before)
     assert math.isfinite(sum(p.sum().item() for p in model.parameters()))
+
+
+def test_step_gradient_is_the_mean_token_loss_of_the_global_batch(tiny_dir):
+    """The gradient the optimizer sees equals autograd of the mean response-token cross-entropy
+    over the whole step, each example run alone. Compared before AdamW: Adam is nearly blind to
+    a constant gradient scale, so a loss left unnormalised (or averaged per micro-batch, which
+    differs here: 4, 2 and 4 loss tokens) would still train and pass the other tests."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    model = load(tiny_dir)
+    siked.add_lora(model, r=4, alpha=8, seed=0)
+    randomize_adapters(model)  # B != 0: the A matrices get gradients too
+    exs = examples_abc()
+    # the oracle: plain causal forward per example, targets = the response tokens (and EOS)
+    total, count = 0.0, 0
+    for ex in exs:
+        ids = torch.tensor([ex.ids])
+        logits = model(ids)[0, :-1]
+        ce = nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        total, count = total + ce[ex.n_prompt - 1 :].sum(), count + len(ex.ids) - ex.n_prompt
+    (total / count).backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    want = {n: p.grad.clone() for n, p in trainable.items()}
+    model.zero_grad(set_to_none=True)
+
+    seen = {}  # the gradients at the optimizer step, before AdamW uses them
+    names = {id(p): n for n, p in trainable.items()}
+    hook = register_optimizer_step_pre_hook(  # every optimizer, the one train() builds too
+        lambda opt, args, kwargs: seen.update(
+            {names[id(p)]: p.grad.clone() for g in opt.param_groups for p in g["params"]}
+        )
+    )
+    # max_seq_len 10: three sequences (7, 4, 10 tokens), one per micro-batch, one step, no clipping
+    cfg = cfg_for_test(epochs=1, batch_size=3, micro_batch_size=1, max_seq_len=10, grad_clip=0.0)
+    cfg.loss_on, cfg.dtype = "response", "float32"
+    try:
+        stats = siked.train(model, exs, cfg, device=torch.device("cpu"))
+    finally:
+        hook.remove()
+    assert stats["steps"] == 1 and stats["sequences"] == 3
+    assert seen.keys() == want.keys()
+    for n, g in want.items():
+        torch.testing.assert_close(seen[n], g, rtol=1e-4, atol=1e-7, msg=n)
