@@ -6,6 +6,7 @@ textbook value, and, for resumption, an uninterrupted run with the same seed: sa
 per chunk and training resumes from its exact state, so the files must be equal byte for byte.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sample
 import siked
 import strategies
 import verify
@@ -202,6 +204,42 @@ def test_filter_drops_samples_of_a_strategy_the_teacher_dropped(tmp_path):
     assert [r["verdict"] for r in rows] == ["strategy_dropped", "kept"]
     kept = siked.read_jsonl(tmp_path / "iter2" / "filter" / "kept.jsonl")
     assert [r["strategy"] for r in kept] == ["cot"]
+
+
+def test_eval_scores_each_answer_with_the_strategy_the_student_chose(tmp_path, monkeypatch):
+    """stage_eval on scripted greedy outputs: tag, prediction, verdict and per-set counts."""
+    R = stage_run(tmp_path, ["cot", "l2m", "pot"])
+    R.cfg = dataclasses.replace(R.cfg, eval_sets=("svamp",))
+    golds = [5.0, 6.0, 7.0, 8.0]
+    items = [
+        ("svamp", {"id": f"s{i}", "question": f"Q{i}?", "answer": a}) for i, a in enumerate(golds)
+    ]
+    items.append((siked.HELDOUT, {"id": "h0", "question": "Q9?", "answer": 4.0}))
+    outputs = {  # question -> the student's greedy text, and (tag, prediction, correct) by hand
+        "Q0?": ("[cot]: 2 + 3 = 5\nFinal Answer: 5", ("cot", 5.0, True)),
+        "Q1?": ("[pot]: answer = 2 * 3", ("pot", 6.0, True)),
+        "Q2?": ("[cot]: 3 + 3 = 6\nFinal Answer: 6", ("cot", 6.0, False)),
+        "Q3?": ("Final Answer: 8", (None, 8.0, True)),  # untagged: read like CoT
+        "Q9?": ("[l2m]: Sub-question 1: 2 + 2?\nFinal Answer: 4", ("l2m", 4.0, True)),
+    }
+
+    def generate(model, prompts, n, max_new_tokens, temperature=0.0, seed=None):
+        texts = [next(t for q, (t, _) in outputs.items() if q in p) for p in prompts]
+        return [[sample.Completion(t, [1, 2], "eos", -1.0)] for t in texts]
+
+    monkeypatch.setattr(siked, "eval_items", lambda R: items)
+    monkeypatch.setattr(R, "load_model", lambda path: None)
+    monkeypatch.setattr(R, "generate", generate)
+    (tmp_path / "iter1" / "eval").mkdir(parents=True)
+    siked.stage_eval(R, tmp_path / "iter1" / "eval", 1)
+    rows = siked.read_jsonl(tmp_path / "iter1" / "eval" / "predictions.jsonl")
+    assert [(r["strategy"], r["pred"], r["correct"]) for r in rows] == [
+        want for _, want in outputs.values()
+    ]
+    ev = json.loads((tmp_path / "iter1" / "eval" / "eval.json").read_text())["sets"]
+    assert (ev["svamp"]["correct"], ev["svamp"]["n"]) == (3, 4)
+    assert ev["svamp"]["strategies"]["cot"] == dict(n=2, correct=1, share=0.5, accuracy=0.5)
+    assert (ev[siked.HELDOUT]["correct"], ev[siked.HELDOUT]["n"]) == (1, 1)
 
 
 def test_report_shows_a_trained_strategy_the_mix_did_not_count(tmp_path):
