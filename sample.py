@@ -228,7 +228,7 @@ def pack_linears(model):
             while swapped:  # popped: each packed weight is freed as soon as it is unpacked
                 module, name, linears, rows, packed = swapped.pop()
                 dense = packed.weight.to_dense()  # the original bytes
-                parts = dense.split(rows) if len(linears) > 1 else [dense]
+                parts = dense.split(rows)  # fused: own copies (safetensors refuses shared ones)
                 for c, part in zip(linears, parts, strict=True):
                     c.weight.data = part.clone() if len(linears) > 1 else part
                 setattr(module, name, None if len(linears) > 1 else linears[0])
