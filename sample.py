@@ -173,10 +173,6 @@ except (AttributeError, OSError, TypeError):  # other C libraries: a no-op
     _malloc_trim = lambda pad: 0  # noqa: E731
 
 
-# linear layers that read the same input, run as one matmul while packed: (fused, members)
-FUSED = [("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj"))]
-
-
 # linear layers reading the same input, one matmul while packed: (the module's attribute, members)
 FUSED = [("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj"))]
 
