@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -75,6 +76,8 @@ class ModelConfig:
         def unsupported(what, expected):
             return ValueError(f"{source}: unsupported {what} (expected {expected})")
 
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         family = d.get("model_type")
         if family not in FAMILIES:
             raise unsupported(f"model_type {family!r}", " or ".join(FAMILIES))
@@ -90,6 +93,13 @@ class ModelConfig:
         bias = () if family == "qwen2" else ("attention_bias",)
         if bad := [f for f in ("mlp_bias", "use_sliding_window", *bias) if d.get(f)]:
             raise unsupported(bad[0], "false")
+        # the fields read as d[...] below: one line here, not a KeyError or a TypeError later
+        sizes = "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads"
+        for f in sizes.split():
+            if not isinstance(d.get(f), int) or d[f] < 1:
+                raise ValueError(f"{source}: {f}={d.get(f)!r}; expected a positive integer")
+        if not isinstance(d.get("rms_norm_eps"), (int, float)):
+            raise ValueError(f"{source}: rms_norm_eps={d.get('rms_norm_eps')!r}; expected a number")
         n_heads = d["num_attention_heads"]
         return cls(
             family=family,
@@ -300,7 +310,7 @@ class Transformer(nn.Module):
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32) -> "Transformer":
         folder = resolve_checkpoint(name_or_path)
         path = folder / "config.json"
-        config = ModelConfig.from_hf_config(json.loads(path.read_text()), str(path))
+        config = ModelConfig.from_hf_config(_read_json(path), str(path))
         with torch.device("meta"):  # placeholders without memory, replaced by the weights below
             model = cls(config)
         state = load_weights(folder, model.state_dict(), device, dtype)
@@ -346,7 +356,10 @@ def weight_files(folder: Path) -> tuple[Path, list[Path]]:
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file() or not index.is_file():
         return single, [single]
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no weight_map (expected a safetensors index)")
+    names = sorted(set(weight_map.values()))
     return index, [folder / name for name in names]
 
 
@@ -503,7 +516,10 @@ def download(repo: str, name: str, dest: Path, optional: bool = False) -> bool:
         if e.code == 416 and have:  # the range starts at or past the end: start over
             part.unlink()
             return download(repo, name, dest, optional)
-        raise
+        raise ConnectionError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (OSError, http.client.HTTPException) as e:  # no network, no such host, a timeout
+        reason = getattr(e, "reason", None) or e
+        raise ConnectionError(f"{url}: cannot download {repo} ({reason})") from None
     with resp:
         have = have if resp.status == 206 else 0  # 200: the server ignored the Range header
         length = resp.headers.get("Content-Length")
@@ -524,7 +540,16 @@ def download(repo: str, name: str, dest: Path, optional: bool = False) -> bool:
 
 # ----------------------------------------------------------------------------- tokenizer
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON object file's content ({} where there is none); a one-line error if damaged."""
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _ids(x) -> list:  # config ids are a number, a list or null
@@ -540,7 +565,10 @@ class Tokenizer:
         self.folder = Path(folder)
         if not (self.folder / "tokenizer.json").is_file():
             raise ValueError(f"{self.folder}: no tokenizer.json")
-        self.tok = tokenizers.Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        try:
+            self.tok = tokenizers.Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        except Exception as e:  # the Rust library raises a bare Exception
+            raise ValueError(f"{self.folder}/tokenizer.json: not a valid tokenizer ({e})") from None
         names = ("tokenizer_config.json", "config.json", "generation_config.json")
         tc, cfg, gen = (_read_json(self.folder / name) for name in names)
 
@@ -615,6 +643,19 @@ class Tokenizer:
                 shutil.copyfile(self.folder / name, Path(folder) / name)
 
 
+def check_device(name: str) -> torch.device:
+    """A --device as a torch.device; a one-line error for a bad or missing one (torch's are not)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA devices here")
+    return device
+
+
 @torch.no_grad()
 def greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_ids=()) -> list:
     """The simplest cached decoding loop: one prefill, then one token per step."""
@@ -637,14 +678,23 @@ if __name__ == "__main__":
     p.add_argument("--model", default="smollm2-135m-instruct", help="folder, alias or HF repo id")
     p.add_argument("--prompt", default="The capital of France is", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate")
-    p.add_argument("--dtype", default="bfloat16", help="weights' dtype: float32, bfloat16 ...")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format")
     args = p.parse_args()
-    net = Transformer.from_pretrained(args.model, args.device, getattr(torch, args.dtype))
-    tok = Tokenizer.from_pretrained(args.model)
+    try:  # bad input: one line, not a traceback
+        if args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens}: expected >= 0")
+        check_device(args.device)
+        net = Transformer.from_pretrained(args.model, args.device, getattr(torch, args.dtype))
+        tok = Tokenizer.from_pretrained(args.model)
+        text = tok.chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        prompt_ids = tok.encode(text, bos=tok.add_bos)
+        if not prompt_ids:
+            raise ValueError(f"--prompt {args.prompt!r}: expected text of at least one token")
+    except (ValueError, OSError) as e:  # OSError: e.g. no network for a download
+        sys.exit(f"model.py: {e}")
     n_params = sum(p.numel() for p in net.parameters())
     print(f"{args.model}: {n_params / 1e6:.1f}M parameters, {args.dtype} on {args.device}")
-    text = tok.chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    ids = greedy(net, tok.encode(text, bos=tok.add_bos), args.max_new_tokens, tok.stop_ids)
+    ids = greedy(net, prompt_ids, args.max_new_tokens, tok.stop_ids)
     print(text + tok.decode(ids))

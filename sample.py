@@ -56,6 +56,7 @@ temperature, top-k and top-p, so also defined for greedy decoding.
 
 import argparse
 import ctypes
+import sys
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -481,8 +482,10 @@ def generate(
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
-    else:
+    elif -(2**63) <= seed < 2**64:  # torch's range; its own error names no argument
         generator.manual_seed(seed)
+    else:
+        raise ValueError(f"seed={seed}; expected an integer in [-2**63, 2**64)")
     stop_ids = set(tokenizer.stop_ids)
 
     # one request per completion, in output order
@@ -640,8 +643,9 @@ def _prefill_chunks(groups: list[list[int]], branches: list[_Branch]):
 
 def main(model: str, prompt: str, chat=False, dtype="float32", device="cpu", **kw):
     """Load a model and print the completions of one prompt (kw: generate's keywords)."""
-    from model import Tokenizer, Transformer
+    from model import Tokenizer, Transformer, check_device
 
+    check_device(device)
     net = Transformer.from_pretrained(model, device=device, dtype=getattr(torch, dtype))
     tokenizer = Tokenizer.from_pretrained(model)
     if chat:
@@ -669,4 +673,7 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=64, help="cache rows decoded together")
     parser.add_argument("--compile", action="store_true", help="compile the decode step (CUDA)")
-    main(**vars(parser.parse_args()))
+    try:  # bad input: one line, not a traceback
+        main(**vars(parser.parse_args()))
+    except (ValueError, OSError) as e:  # OSError: e.g. no network for a download
+        sys.exit(f"sample.py: {e}")

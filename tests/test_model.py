@@ -3,6 +3,8 @@ SmolLM2-135M-Instruct fixture, the tokenizer and chat formats, save/load round t
 The download path is in test_download.py."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -468,6 +470,69 @@ def test_bad_folders_and_names(tmp_path):
         ),
         "yarn",
     )
+
+
+def test_damaged_json_files(tmp_path, smollm2_dir):
+    """A damaged config.json, shard index or tokenizer file: one line naming the file."""
+    make_hf("llama", tmp_path)
+    config, load = tmp_path / "config.json", lambda: M.Transformer.from_pretrained(tmp_path)
+    good = json.loads(config.read_text())
+    config.write_text("{oops")
+    one_line_error(load, str(config), "not valid JSON")
+    config.write_text("[1, 2]")
+    one_line_error(load, str(config), "expected a JSON object")
+    config.write_text(json.dumps({k: v for k, v in good.items() if k != "hidden_size"}))
+    one_line_error(load, str(config), "hidden_size")
+    config.write_text(json.dumps(dict(good, num_attention_heads="4")))
+    one_line_error(load, str(config), "num_attention_heads")
+    config.write_text(json.dumps(good))
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    one_line_error(load, "model.safetensors.index.json", "weight_map")
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text('{"x": 1}')
+    one_line_error(lambda: M.Tokenizer(tok), str(tok / "tokenizer.json"), "not a valid tokenizer")
+    shutil.copyfile(smollm2_dir / "tokenizer.json", tok / "tokenizer.json")
+    (tok / "tokenizer_config.json").write_text("{oops")
+    one_line_error(lambda: M.Tokenizer(tok), str(tok / "tokenizer_config.json"), "not valid JSON")
+
+
+def run_cli(*args, **env) -> subprocess.CompletedProcess:
+    """python model.py args, with env added to this process's environment."""
+    cmd = [sys.executable, M.__file__, *args]
+    env = {**os.environ, **env}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_bad_input_is_one_line(tmp_path, smollm2_dir):
+    """Bad input to `python model.py`: exit 1 and one line naming it, never a traceback."""
+    bad_config = tmp_path / "bad"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text("{oops")
+    offline = dict(
+        HF_ENDPOINT="http://127.0.0.1:9",  # nobody listens: no network needed
+        SIKED_CACHE=str(tmp_path / "cache"),
+        HF_HUB_CACHE=str(tmp_path / "hub"),
+    )
+    model = ["--model", str(smollm2_dir), "--max-new-tokens", "1"]
+    cases = [
+        (["--model", str(tmp_path / "none")], {}, f"unknown model '{tmp_path / 'none'}'"),
+        (["--model", str(bad_config)], {}, f"{bad_config / 'config.json'}: not valid JSON"),
+        (["--model", "org/name"], offline, "config.json: cannot download org/name"),
+        ([*model, "--device", "banana"], {}, "--device banana: expected cpu, cuda or cuda:N"),
+        ([*model, "--prompt", ""], {}, "--prompt '': expected"),
+        ([*model, "--max-new-tokens", "-1"], {}, "--max-new-tokens -1: expected >= 0"),
+    ]
+    for args, env, needle in cases:
+        proc = run_cli(*args, **env)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("model.py: ") and needle in lines[0], lines
+    proc = run_cli(*model, "--dtype", "float33")  # argparse's usage error, before any loading
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "argument --dtype: invalid choice: 'float33'" in proc.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -492,6 +492,7 @@ def test_finish_reasons_and_context_limit(tmp_path, smollm2_dir, tok):
         (["hi"], {"max_new_tokens": 0}, "max_new_tokens"),
         (["hi", "word " * 200], {}, "prompts[1] has"),
         ([SharedPrompt("hi", [("a", 0)])], {}, "continuations"),
+        (["hi"], {"seed": 2**64}, "seed=18446744073709551616"),
     ],
 )
 def test_bad_input(tiny, tok, prompts, kw, word):
@@ -500,6 +501,25 @@ def test_bad_input(tiny, tok, prompts, kw, word):
     with pytest.raises(ValueError, match="expected") as e:
         generate(ours, tok, prompts, progress=False, **kw)
     assert word in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_bad_input_is_one_line(tmp_path, smollm2_dir):
+    """Bad input to `python sample.py`: exit 1 and one line naming it, never a traceback."""
+    script = Path(sample_module.__file__)
+    model = ["--model", str(smollm2_dir), "--prompt", "hi", "--max-new-tokens", "1"]
+    cases = [
+        (["--model", str(tmp_path / "none"), "--prompt", "hi"], f"'{tmp_path / 'none'}'"),
+        ([*model, "--n", "0"], "n=0; expected n >= 1"),
+        ([*model, "--top-p", "0"], "top_p=0.0; expected 0 < top_p <= 1"),
+        ([*model, "--seed", str(2**64)], f"seed={2**64}; expected"),
+        ([*model, "--device", "banana"], "--device banana: expected cpu, cuda or cuda:N"),
+    ]
+    for args, needle in cases:
+        cmd = [sys.executable, str(script), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sample.py: ") and needle in lines[0], lines
 
 
 # ----------------------------------------------------------------------------- real checkpoint
