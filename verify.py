@@ -638,6 +638,7 @@ def close_sandboxes():
 
 
 if __name__ == "__main__":  # the worker's entry point (no argparse: it loads few modules)
-    if sys.argv[1:] != ["--worker"]:
+    # PotSandbox starts it with SIKED_SANDBOX_CONFIG set; by hand, without it: one line
+    if sys.argv[1:] != ["--worker"] or "SIKED_SANDBOX_CONFIG" not in os.environ:
         sys.exit("verify.py is a library; `--worker` is the PoT sandbox's internal entry point")
     _worker_main(SandboxConfig(**json.loads(os.environ["SIKED_SANDBOX_CONFIG"])))

@@ -390,7 +390,18 @@ def load(
     path = (Path(out_dir) if out_dir is not None else DATA_DIR) / name / f"{split}.jsonl"
     if not path.is_file():
         prepare(name, source=source, out_dir=out_dir, progress=progress)
-    return read_jsonl(path)
+    # a damaged or hand-edited file: one line here, not a KeyError in a caller
+    again = "remove it to prepare it again"
+    try:
+        rows = read_jsonl(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}); {again}") from None
+    if not rows:
+        raise ValueError(f"{path}: no rows; {again}")
+    kinds = dict(id=str, question=str, answer=(int, float))
+    for line, row in enumerate(rows, 1):
+        _fields(path, line, row, **kinds, **({"rationale": str} if name == "gsm8k" else {}))
+    return rows
 
 
 def main(

@@ -333,6 +333,8 @@ def http_teacher(
     strategies_ = _check(questions, strategies_)
     if n < 1 or workers < 1:
         raise ValueError(f"n={n}, workers={workers}: expected positive integers")
+    if not timeout_s > 0:  # urllib's own errors for 0 or less name no setting
+        raise ValueError(f"timeout_s={timeout_s}: expected seconds > 0")
     api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
     client = ChatClient(url, model, api_key, timeout_s, retries, backoff_s)
     sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
@@ -415,6 +417,12 @@ def local_teacher(
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.limit is not None and args.limit < 0:  # questions[:-3] would be all but three
+        raise ValueError(f"--limit {args.limit}: expected a number of questions >= 0")
+    if not args.rel_tol >= 0:  # nan too
+        raise ValueError(f"--rel-tol {args.rel_tol}: expected >= 0")
+    if args.teacher_url == "":  # falsy: it would fall through to the local teacher
+        raise ValueError("--teacher-url '': expected a server URL such as http://HOST:PORT/v1")
     progress = not args.quiet
     questions = prepare.load("gsm8k", args.split, source=args.data, progress=progress)
     questions = questions[: args.limit]
@@ -461,7 +469,8 @@ if __name__ == "__main__":
     )
     parser.add_argument("--data", default=None, help="dataset folder (default: $SIKED_DATA)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (local teacher)")
-    parser.add_argument("--dtype", help="--local dtype (default: bfloat16 on cuda, else float32)")
+    dtypes = ["float32", "bfloat16", "float16"]
+    parser.add_argument("--dtype", choices=dtypes, help="default: bfloat16 on cuda, else float32")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     try:
         main(parser.parse_args())

@@ -152,6 +152,29 @@ def test_load_prepares_on_first_use(tmp_path, monkeypatch):
         prepare.load("svamp", "train", out_dir=tmp_path)
 
 
+def test_load_names_a_damaged_prepared_file(tmp_path):
+    """data/<name>/<split>.jsonl edited or damaged by hand: one line naming it, not a KeyError or a
+    silently empty split in teacher.py or siked.py."""
+    path = tmp_path / "gsm8k" / "train.jsonl"
+    path.parent.mkdir()
+    row = {"id": "gsm8k-train-0", "question": "q", "answer": 2.0, "rationale": "1 + 1 = 2"}
+    for text, needle in [
+        (json.dumps(row) + "\n{oops\n", "not valid JSON"),
+        ("", "no rows"),
+        (json.dumps({"id": "gsm8k-train-0"}) + "\n", "'question' field"),
+        (json.dumps(dict(row, answer="two")) + "\n", "'answer' field"),
+        (json.dumps({k: v for k, v in row.items() if k != "rationale"}) + "\n", "'rationale'"),
+        ("[1, 2]\n", "'id' field"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ValueError) as e:
+            prepare.load("gsm8k", "train", out_dir=tmp_path)
+        msg = str(e.value)
+        assert msg.startswith(str(path)) and needle in msg and "\n" not in msg, msg
+    path.write_text(json.dumps(row) + "\n")
+    assert prepare.load("gsm8k", "train", out_dir=tmp_path) == [row]
+
+
 def copy_source(dst: Path, rels: list[str]) -> Path:
     for rel in rels:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -532,6 +532,29 @@ def test_cli(tmp_path):
     assert proc.stderr.startswith("teacher.py: [Errno 20] Not a directory")
 
 
+def test_cli_bad_input_is_one_line(tmp_path):
+    """Bad settings: exit 1 and one line naming the setting, before any question is asked."""
+    script, url = str(ROOT / "data" / "teacher.py"), "http://127.0.0.1:9/v1"
+    cases = [
+        (["--gold", "--limit", "-3"], "--limit -3: expected"),  # was: all but the last three
+        (["--gold", "--rel-tol", "nan"], "--rel-tol nan: expected >= 0"),  # was: accepted
+        (["--teacher-url", "", "--teacher-model", "m"], "--teacher-url '': expected"),
+        (["--teacher-url", url, "--teacher-model", "m", "--timeout", "0"], "timeout_s=0.0"),
+    ]
+    for i, (args, needle) in enumerate(cases):
+        cmd = [sys.executable, script, *args, "--out", str(tmp_path / f"{i}.jsonl")]
+        cmd += ["--data", str(SHARED), "--quiet", *(["--limit", "1"] * ("--limit" not in args))]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("teacher.py: ") and needle in lines[0], lines
+        assert not (tmp_path / f"{i}.jsonl").exists()
+    # a --dtype torch has no use for: argparse's usage error, not a failed load of the model
+    cmd = [sys.executable, script, "--local", "m", "--dtype", "int8", "--out", str(tmp_path / "d")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "argument --dtype: invalid choice: 'int8'" in proc.stderr
+
+
 # ------------------------------------------------------------------------------------ real models
 
 

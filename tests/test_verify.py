@@ -11,6 +11,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -179,6 +181,19 @@ def test_is_correct_tolerance_and_exact_mode():
     assert not verify.is_correct(None, 3)
     with pytest.raises(ValueError, match="rel_tol"):
         verify.is_correct(1.0, 1.0, rel_tol=-1)
+
+
+def test_command_line_is_one_line():
+    """verify.py is a library; run by hand, even with `--worker` (PotSandbox's entry point, which
+    needs SIKED_SANDBOX_CONFIG), it says so in one line, not a traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "SIKED_SANDBOX_CONFIG"}
+    for args in ([], ["--worker"], ["--help"]):
+        cmd = [sys.executable, verify.__file__, *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert proc.stderr.strip().splitlines() == [
+            "verify.py is a library; `--worker` is the PoT sandbox's internal entry point"
+        ]
 
 
 @pytest.mark.parametrize(
