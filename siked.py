@@ -62,6 +62,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -1174,6 +1175,23 @@ def plan(R: Run) -> list[tuple[str, Path, list[Path], object, int]]:
     return steps
 
 
+def scratch(folder: Path) -> list[Path]:
+    """A finished stage's leftovers: training checkpoints, and files a kill left half-written
+    (atomic_write's, and the temporary folders of an interrupted save_pretrained)."""
+    files = [p for p in [*folder.glob("*.pt"), *folder.rglob(".*.tmp*")] if p.is_file()]
+    return files + [p for p in folder.glob(".student.*") if p.is_dir()]
+
+
+def close_stage(R: Run, folder: Path) -> None:
+    """What follows a stage's DONE (rank 0): its scratch goes, the report is rewritten."""
+    for p in scratch(folder):
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    write_report(R)
+
+
 def run(R: Run) -> int:
     """Run every unfinished stage in order (--only: that stage wherever its inputs are ready).
     Returns the number of stages run."""
@@ -1182,6 +1200,15 @@ def run(R: Run) -> int:
         if R.d.main:
             write_report(R)
         return 1
+    # a kill between a stage's DONE and close_stage left its scratch, or a report older than the
+    # DONE (else a finished run would never report its last stage): close the stage now
+    report = R.dir / "report.md"
+    for _, folder, *_ in plan(R) if R.d.main else ():
+        if not is_done(folder):
+            continue
+        done_ns = (folder / "DONE").stat().st_mtime_ns
+        if scratch(folder) or not report.is_file() or report.stat().st_mtime_ns < done_ns:
+            close_stage(R, folder)
     for name, folder, needs, fn, t in plan(R):
         if is_done(folder) or (only and name != only):
             continue
@@ -1200,11 +1227,7 @@ def run(R: Run) -> int:
         stats = fn(R, folder, t)
         if R.d.main:
             write_json(folder / "DONE", {"wall_s": round(time.time() - t0, 1), **stats})
-            # training checkpoints are done with, and so are files a kill left half-written
-            for scratch in [*folder.glob("*.pt"), *folder.rglob(".*.tmp*")]:
-                if scratch.is_file():
-                    scratch.unlink()
-            write_report(R)
+            close_stage(R, folder)
         R.d.barrier()
         ran += 1
     return ran

@@ -9,6 +9,7 @@ per chunk and training resumes from its exact state, so the files must be equal 
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -477,6 +478,44 @@ def test_kill_during_training_and_sampling_then_resume(finished_run, smollm2_dir
               "iter1/train/student/model.safetensors", "iter2/train/student/model.safetensors",
               "iter2/eval/predictions.jsonl", "iter2/eval/eval.json"):  # fmt: skip
         assert (folder / f).read_bytes() == (reference / f).read_bytes(), f
+
+
+def test_a_kill_right_after_the_last_stage_then_a_rerun_closes_it(
+    finished_run, smollm2_dir, tmp_path, monkeypatch
+):
+    """Ctrl-C after the last stage's DONE, before its report: the rerun has no stage to run, but
+    must still write the report (else it never shows the last evaluation), and remove what an
+    interrupted save_pretrained left in a finished stage."""
+    reference, _ = finished_run
+    folder = tmp_path / "runs" / reference.name
+    shutil.copytree(reference, folder)
+    for f in ("DONE", "eval.json", "predictions.jsonl"):  # its chunks stay: no model is loaded
+        (folder / "iter2/eval" / f).unlink()
+    for k, v in env().items():
+        monkeypatch.setenv(k, v)
+    cfg = siked.parse_args(command(smollm2_dir, folder.parent)[2:])
+    siked.main(dataclasses.replace(cfg, only="report"))  # the report before the last stage
+    accuracy = lambda run: (run / "report.md").read_text().split("## Accuracy")[1].split("##")[0]
+    assert "| 2 |" not in accuracy(folder)
+
+    def interrupted(R):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(siked, "write_report", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            siked.main(cfg)
+    assert is_done(folder / "iter2/eval") and "| 2 |" not in accuracy(folder)
+    leftover = folder / "iter2/train/.student.k1ll3d"  # save_pretrained's temporary folder
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+
+    siked.main(cfg)
+    assert accuracy(folder) == accuracy(reference)  # the last evaluation is in
+    assert not leftover.exists()
+    before = tree(folder)
+    siked.main(cfg)  # closed now: a rerun leaves the folder as it is
+    assert tree(folder) == before
 
 
 def test_torchrun_fsdp_saves_the_student_of_one_process(finished_run, smollm2_dir, tmp_path):
