@@ -37,8 +37,8 @@ Design, and why:
 7. CUDA: the model runs in its loaded dtype (bf16 recommended) with SDPA. `compile=True` compiles
    the decode step (mode="reduce-overhead": CUDA graphs) with static shapes, all `batch_size` rows
    and the whole cache length (the mask hides the rest), so it compiles once and rows are never
-   compacted. Written for CUDA, not measured on these CPU machines; on CPU it works (inductor)
-   but the static length costs more than it saves.
+   compacted. On an H200, 7-35x the eager step on SmolLM2-135M (README); on CPU it works
+   (inductor) but the static length costs more than it saves.
 8. CPU: every linear layer runs from weights oneDNN reordered once per call (pack_linears), not on
    every matmul as F.linear does in bf16: 1.3x (bf16) to 2x (fp32) faster decode matmuls on
    SmolLM2-135M on an AMD EPYC (on an Intel Xeon, where fp32 F.linear is MKL's sgemm, fp32 gains
