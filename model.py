@@ -468,13 +468,24 @@ def resolve_checkpoint(name_or_path, *, weights: bool = True) -> Path:
         files = [folder / f for f in REQUIRED_FILES] + (weight_files(folder)[1] if weights else [])
         if all(f.is_file() for f in files):
             return folder
-    # config first (a gated repo fails fast), weights last (their presence marks a full folder)
-    for name in ("config.json", *OPTIONAL_FILES, *REQUIRED_FILES[1:]):
-        download(repo, name, dest, optional=name in OPTIONAL_FILES)
-    if weights and not download(repo, "model.safetensors", dest, optional=True):
-        download(repo, "model.safetensors.index.json", dest)
-        for shard in weight_files(dest)[1]:
-            download(repo, shard.name, dest)
+    new = [d for d in (dest, *dest.parents) if not d.exists()]  # innermost first
+    try:
+        # config first (a gated repo fails fast), weights last (their presence marks a full folder)
+        for name in ("config.json", *OPTIONAL_FILES, *REQUIRED_FILES[1:]):
+            download(repo, name, dest, optional=name in OPTIONAL_FILES)
+        if weights and not download(repo, "model.safetensors", dest, optional=True):
+            download(repo, "model.safetensors.index.json", dest)
+            for shard in weight_files(dest)[1]:
+                download(repo, shard.name, dest)
+    except BaseException:
+        # a failure that fetched nothing leaves no empty folders of ours; rmdir refuses a
+        # folder with files in it, so fetched files and resumable .part files stay
+        for d in new:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
     return dest
 
 

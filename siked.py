@@ -213,6 +213,13 @@ def fail(message: str):  # a one-line error for the command line
     raise SystemExit(f"siked: {message}")
 
 
+def flag(field: str) -> str:
+    """A RunConfig field's flag as the user types it (one flag sets both max_new_tokens)."""
+    if field in ("sample_max_new_tokens", "eval_max_new_tokens"):
+        return "--max-new-tokens"
+    return "--" + field.replace("_", "-")
+
+
 # ------------------------------------------------------------------------------------------- files
 
 
@@ -229,7 +236,10 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path: Path):
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # json's own message names no file
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -1237,8 +1247,8 @@ def resolve_lr(cfg: RunConfig) -> float:
     """2e-4, and 3e-4 for the qwen2 family ([R]'s configs), unless given."""
     if cfg.lr is not None:
         return cfg.lr
-    ckpt = resolve_checkpoint(cfg.model)
-    family = ModelConfig.from_hf_config(read_json(Path(ckpt) / "config.json")).family
+    path = Path(resolve_checkpoint(cfg.model)) / "config.json"
+    family = ModelConfig.from_hf_config(read_json(path), source=str(path)).family
     return 3e-4 if family == "qwen2" else 2e-4
 
 
@@ -1269,19 +1279,23 @@ def check_config(cfg: RunConfig, world: int) -> None:
         fail(f"--mix-rate {cfg.mix_rate}: expected a value in [0, 1]")
     positive = (
         "iterations samples epochs batch_size micro_batch_size max_seq_len chunk_size "
-        "gen_batch_size sample_max_new_tokens eval_max_new_tokens lora_r ckpt_every "
+        "gen_batch_size sample_max_new_tokens eval_max_new_tokens lora_r lora_alpha ckpt_every "
         "teacher_samples train_limit eval_limit"
     )
     for k in positive.split():
         if getattr(cfg, k) is not None and getattr(cfg, k) < 1:  # None: no limit
-            fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: expected a positive integer")
+            fail(f"{flag(k)} {getattr(cfg, k)}: expected a positive integer")
+    # written as `not lo <= x <= hi`: nan fails every comparison, so it is refused too
     for k in ("rel_tol", "temperature", "weight_decay", "grad_clip", "warmup_steps"):
-        if getattr(cfg, k) < 0:
-            fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: expected a value >= 0")
+        if not 0 <= getattr(cfg, k) < math.inf:
+            fail(f"{flag(k)} {getattr(cfg, k)}: expected a finite value >= 0")
     if not 0.0 < cfg.top_p <= 1.0:
         fail(f"--top-p {cfg.top_p}: expected a value in (0, 1]")
-    if cfg.lr is not None and cfg.lr <= 0:
-        fail(f"--lr {cfg.lr}: expected a positive learning rate")
+    if cfg.lr is not None and not 0 < cfg.lr < math.inf:
+        fail(f"--lr {cfg.lr}: expected a finite learning rate > 0")
+    # derived seeds (seed + iteration, + chunk) must stay in torch's manual_seed range
+    if not 0 <= cfg.seed < 2**32:
+        fail(f"--seed {cfg.seed}: expected an integer in [0, 2**32)")
     if cfg.batch_size % (cfg.micro_batch_size * world):
         fail(
             f"--batch-size {cfg.batch_size}: expected a multiple of --micro-batch-size "
@@ -1289,10 +1303,17 @@ def check_config(cfg: RunConfig, world: int) -> None:
         )
     if not 0.0 < cfg.heldout_frac < 1.0:
         fail(f"--heldout-frac {cfg.heldout_frac}: expected a value in (0, 1)")
+    name = default_run_name(cfg) if cfg.run_name is None else cfg.run_name
+    if name in ("", ".", "..") or Path(name).name != name:  # else it lands outside --runs-dir
+        fail(f"--run-name {name!r}: expected a folder name, without '/' and not '.' or '..'")
+    run_dir = Path(cfg.runs_dir) / name
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        fail(f"--runs-dir {cfg.runs_dir}: {existing} is not a folder")
 
 
 def default_run_name(cfg: RunConfig) -> str:
-    parts = [Path(cfg.model.rstrip("/")).name.lower()]
+    parts = [Path(os.path.abspath(cfg.model)).name.lower()]  # abspath: "." names its folder
     if tuple(cfg.strategies) != RunConfig.strategies:
         parts.append("-".join(cfg.strategies))
     parts += [f"bias-{cfg.bias}"] if cfg.bias else []
@@ -1313,21 +1334,30 @@ def main(cfg: RunConfig) -> Path:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         cfg = dataclasses.replace(cfg, dtype="bfloat16" if bf16 else "float32")
     run_name = cfg.run_name or default_run_name(cfg)
+    run_dir = Path(cfg.runs_dir) / run_name
+    # everything is checked before config.json is saved: a rerun with the mistake fixed would
+    # otherwise find "a run with other settings"
     try:
         cfg = dataclasses.replace(cfg, lr=resolve_lr(cfg), run_name=run_name)
         tok = Tokenizer.from_pretrained(cfg.model)
         gsm8k = prepare.load("gsm8k", "train", progress=d.main)
+        old = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
     except (OSError, ValueError, KeyError) as e:
         fail(f"{e}".splitlines()[0] if str(e) else f"--model {cfg.model}: {type(e).__name__}")
-    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    if cfg.teacher_local and not is_done(run_dir / "teacher"):
+        try:
+            resolve_checkpoint(cfg.teacher_local, weights=False)
+        except (OSError, ValueError) as e:
+            fail(f"--teacher-local {cfg.teacher_local}: {f'{e}'.splitlines()[0]}")
     saved = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, like the file
-    if (run_dir / "config.json").is_file():
-        old = read_json(run_dir / "config.json")
+    if old is not None:
         diff = [k for k in saved if k not in RERUN_FREE and old.get(k) != saved[k]]
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)} -> {saved[k]}" for k in diff)
             fail(f"{run_dir} holds a run with other settings ({changes}); pass another --run-name")
-    elif d.main:
+    if cfg.only == "report" and not is_done(run_dir / "teacher"):  # no stage finished
+        fail(f"--only report: {run_dir} has no finished stage yet, nothing to report")
+    if old is None and d.main:
         write_json(run_dir / "config.json", saved)
     d.barrier()
 

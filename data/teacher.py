@@ -136,22 +136,33 @@ def _run_stage(questions, out_path, source, solve, progress, judged) -> dict:
     # that gave no row, e.g. a rationale gold_pot cannot convert, is tried again: it is cheap)
     todo = [(q, [s for s in judged if (q["id"], s) not in done]) for q in questions]
     todo = [(q, missing) for q, missing in todo if missing]
+    created = [d for d in (parts, *parts.parents) if not d.exists()]  # innermost first
     parts.mkdir(parents=True, exist_ok=True)
     first = max((int(p.stem) for p in chunks if p.stem.isdigit()), default=-1) + 1  # gaps kept
     initial, total = len(questions) - len(todo), len(questions)
-    with tqdm(total=total, initial=initial, desc=source, disable=not progress) as bar:
-        for i, (n_done, new) in enumerate(solve(todo), first):
-            prepare.write_jsonl(parts / f"{i:06d}.jsonl", new)
-            rows += new
-            bar.update(n_done)
-    order = {q["id"]: i for i, q in enumerate(questions)}  # not the order the answers came in
-    rows.sort(key=lambda r: order.get(r["id"], -1))
-    prepare.write_jsonl(out, rows)
-    dir_fd = os.open(out.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # out's rename is on disk before the chunks are removed
-    finally:
-        os.close(dir_fd)
+        with tqdm(total=total, initial=initial, desc=source, disable=not progress) as bar:
+            for i, (n_done, new) in enumerate(solve(todo), first):
+                prepare.write_jsonl(parts / f"{i:06d}.jsonl", new)
+                rows += new
+                bar.update(n_done)
+        order = {q["id"]: i for i, q in enumerate(questions)}  # not the order answers came in
+        rows.sort(key=lambda r: order.get(r["id"], -1))
+        prepare.write_jsonl(out, rows)
+        dir_fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # out's rename is on disk before the chunks are removed
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        # no empty folders of this run left behind; rmdir refuses one holding finished chunks
+        # (resumable work) or anything else
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
     shutil.rmtree(parts)
     solved = {(r["id"], r["strategy"]) for r in rows if r["correct"]}
     rates = {}
@@ -423,6 +434,15 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError(f"--rel-tol {args.rel_tol}: expected >= 0")
     if args.teacher_url == "":  # falsy: it would fall through to the local teacher
         raise ValueError("--teacher-url '': expected a server URL such as http://HOST:PORT/v1")
+    if args.local == "":  # it would be the current folder: ".: no config.json"
+        raise ValueError("--local '': expected a model alias, HF repo id or checkpoint folder")
+    if args.teacher_model is not None and args.teacher_url is None:  # it would be ignored
+        mode = "--gold" if args.gold else "--local"
+        raise ValueError(f"--teacher-model: only used with --teacher-url, not with {mode}")
+    # prepare.load reads an already prepared data/gsm8k split and looks at source only when it
+    # must prepare one: a wrong --data would pass unnoticed
+    if args.data is not None and not (args.data and Path(args.data).expanduser().is_dir()):
+        raise ValueError(f"--data {args.data!r}: expected an existing dataset folder")
     progress = not args.quiet
     questions = prepare.load("gsm8k", args.split, source=args.data, progress=progress)
     questions = questions[: args.limit]

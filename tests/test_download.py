@@ -157,11 +157,28 @@ def test_resume_after_cut_transfer(hub, checkpoint, tmp_path):
     assert (folder / "model.safetensors").read_bytes() == data and not part.exists()
 
 
-def test_missing_repo_is_a_one_line_error(hub):
+def test_missing_repo_is_a_one_line_error(hub, tmp_path):
     with pytest.raises(ValueError) as e:
         M.resolve_checkpoint("org/missing")
     msg = str(e.value)
     assert "org/missing" in msg and "config.json" in msg and "404" in msg and "\n" not in msg
+    assert not (tmp_path / "siked-cache").exists()  # fetched nothing: no empty folders left
+
+
+def test_failed_download_keeps_fetched_files_and_folders_it_did_not_create(
+    hub, checkpoint, tmp_path
+):
+    root, _ = checkpoint
+    files = {p.name: p.read_bytes() for p in (root / "single").iterdir()}
+    hub.repos["org/noweights"] = {k: v for k, v in files.items() if "safetensors" not in k}
+    with pytest.raises(ValueError, match="no file model.safetensors.index.json"):
+        M.resolve_checkpoint("org/noweights")
+    assert (tmp_path / "siked-cache" / "org--noweights" / "config.json").is_file()
+    existing = tmp_path / "siked-cache" / "org--missing"
+    existing.mkdir()  # empty, but not this call's: kept
+    with pytest.raises(ValueError, match="HTTP 404"):
+        M.resolve_checkpoint("org/missing")
+    assert existing.is_dir()
 
 
 def test_gated_repo_needs_token(hub, checkpoint, monkeypatch):

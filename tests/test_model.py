@@ -530,6 +530,7 @@ def test_cli_bad_input_is_one_line(tmp_path, smollm2_dir):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("model.py: ") and needle in lines[0], lines
+    assert not (tmp_path / "cache").exists()  # the failed download left no empty folder
     proc = run_cli(*model, "--dtype", "float33")  # argparse's usage error, before any loading
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "argument --dtype: invalid choice: 'float33'" in proc.stderr

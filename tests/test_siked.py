@@ -9,6 +9,7 @@ per chunk and training resumes from its exact state, so the files must be equal 
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -289,13 +290,94 @@ def test_flags_fill_the_config_and_quick_fills_only_what_no_flag_gives():
         (["--mix-rate", "2"], "--mix-rate 2.0"),
         (["--batch-size", "8", "--micro-batch-size", "3"], "--batch-size 8"),
         (["--samples", "0"], "--samples 0"),
+        # nan passes `x < 0`; inf trained on with a nan loss
+        (["--lr", "nan"], "--lr nan"),
+        (["--lr", "inf"], "--lr inf"),
+        (["--rel-tol", "nan"], "--rel-tol nan"),
+        (["--rel-tol", "inf"], "--rel-tol inf"),
+        (["--temperature", "nan"], "--temperature nan"),
+        (["--weight-decay", "inf"], "--weight-decay inf"),
+        (["--grad-clip", "nan"], "--grad-clip nan"),
+        (["--top-p", "nan"], "--top-p nan"),
+        (["--mix-rate", "nan"], "--mix-rate nan"),
+        (["--heldout-frac", "nan"], "--heldout-frac nan"),
+        (["--lora-alpha", "0"], "--lora-alpha 0"),
+        (["--seed", str(10**23)], f"--seed {10**23}"),  # was torch's OverflowError
+        (["--seed", "-1"], "--seed -1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0"),  # the flag, not the field
+        (["--run-name", "../../x"], "--run-name '../../x'"),  # would land outside --runs-dir
+        (["--run-name", "a/b"], "--run-name 'a/b'"),
+        (["--run-name", ".."], "--run-name '..'"),
+        (["--run-name", "."], "--run-name '.'"),
+        (["--run-name", ""], "--run-name ''"),
     ],
 )
 def test_bad_settings_are_one_line_errors(args, message, tmp_path):
+    runs = tmp_path / "runs"
     with pytest.raises(SystemExit) as e:
-        siked.main(siked.parse_args(["--model", "m", "--runs-dir", str(tmp_path), *args]))
+        siked.main(siked.parse_args(["--model", "m", "--runs-dir", str(runs), *args]))
     assert str(e.value).startswith("siked: ") and message in str(e.value)
     assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == [], "refused before anything is written"
+
+
+def test_every_field_checked_has_its_flag(capsys):
+    """check_config names a field by flag(): each must be a flag the user can type."""
+    with pytest.raises(SystemExit):
+        siked.parse_args(["--help"])
+    shown = capsys.readouterr().out
+    for f in dataclasses.fields(siked.RunConfig):
+        assert re.search(re.escape(siked.flag(f.name)) + r"[\s\]]", shown), f.name
+
+
+@pytest.mark.parametrize("runs, run_name", [("f", None), ("f/sub", None), (".", "f")])
+def test_a_runs_dir_that_is_a_file_is_a_one_line_error(runs, run_name, tmp_path):
+    (tmp_path / "f").write_text("")
+    argv = ["--model", "m", "--runs-dir", str(tmp_path / runs)]
+    argv += ["--run-name", run_name] if run_name else []
+    with pytest.raises(SystemExit) as e:
+        siked.main(siked.parse_args(argv))
+    assert str(e.value) == (
+        f"siked: --runs-dir {tmp_path / runs}: {tmp_path / 'f'} is not a folder"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, message", [("{", "not valid JSON"), ('{"model_type": "bert"}', "model_type 'bert'")]
+)
+def test_a_damaged_model_config_names_its_file(text, message, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(text)
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:  # no --lr: resolve_lr reads config.json for the family
+        siked.main(siked.parse_args(["--model", str(model), "--runs-dir", str(runs)]))
+    assert str(e.value).startswith(f"siked: {model / 'config.json'}: ") and message in str(e.value)
+    assert "\n" not in str(e.value) and not runs.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--only", "report"], "--only report: {} has no finished stage yet, nothing to report"),
+        (["--teacher-local", "nope"], "--teacher-local nope: unknown model 'nope'"),
+    ],
+)
+def test_a_mistake_found_after_loading_saves_no_config(
+    args, message, smollm2_dir, tmp_path, monkeypatch
+):
+    """Refused before config.json is saved: else the rerun with the mistake fixed would find "a
+    run with other settings" (--only report: an empty report of a run never started)."""
+    for k, v in env().items():
+        monkeypatch.setenv(k, v)
+    runs = tmp_path / "runs"
+    cfg = siked.parse_args(["--model", str(smollm2_dir), "--runs-dir", str(runs), *args])
+    with pytest.raises(SystemExit) as e:
+        siked.main(cfg)
+    folder = runs / siked.default_run_name(cfg)
+    assert str(e.value).startswith("siked: " + message.format(folder))
+    assert "\n" not in str(e.value)
+    assert not runs.exists()
 
 
 def test_a_missing_model_is_a_one_line_error(tmp_path):

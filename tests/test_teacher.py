@@ -335,7 +335,20 @@ def test_http_500_retried_then_fails_cleanly(train, tmp_path, fake_server):
     )
     assert len(server.requests) == 3
     assert not (tmp_path / "t.jsonl").exists()
-    assert not any((tmp_path / "t.jsonl.parts").iterdir())  # nothing half-done; a rerun resumes
+    assert not (tmp_path / "t.jsonl.parts").exists()  # nothing done: no empty folder left
+
+
+def test_failed_run_removes_only_empty_folders_it_created(train, tmp_path):
+    """An error leaves no empty folder of its own; one that was there, or holds finished chunks
+    (resumable work; see test_http_fatal_error_stops_the_others_and_keeps_their_answers), stays."""
+    url = "http://127.0.0.1:9/v1"  # nobody listens
+    with pytest.raises(teacher.TeacherError, match="unreachable"):
+        teacher.http_teacher(train[:1], tmp_path / "a" / "b" / "t.jsonl", url, "m", progress=False)
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "t.jsonl.parts").mkdir()
+    with pytest.raises(teacher.TeacherError, match="unreachable"):
+        run_http(train, tmp_path, url)
+    assert (tmp_path / "t.jsonl.parts").is_dir()
 
 
 def test_retry_after_seconds_and_dates():
@@ -540,15 +553,24 @@ def test_cli_bad_input_is_one_line(tmp_path):
         (["--gold", "--rel-tol", "nan"], "--rel-tol nan: expected >= 0"),  # was: accepted
         (["--teacher-url", "", "--teacher-model", "m"], "--teacher-url '': expected"),
         (["--teacher-url", url, "--teacher-model", "m", "--timeout", "0"], "timeout_s=0.0"),
+        (["--local", ""], "--local '': expected a model alias"),  # was: ".: no config.json"
+        # was: ignored (the gold or local teacher asks no server)
+        (["--gold", "--teacher-model", "m"], "--teacher-model: only used with --teacher-url"),
+        (["--local", "m", "--teacher-model", "m"], "--teacher-model: only used with"),
+        # was: the prepared data/gsm8k used silently
+        (["--gold", "--data", str(tmp_path / "none")], f"--data '{tmp_path / 'none'}': expected"),
+        (["--gold", "--data", ""], "--data '': expected an existing dataset folder"),
     ]
     for i, (args, needle) in enumerate(cases):
-        cmd = [sys.executable, script, *args, "--out", str(tmp_path / f"{i}.jsonl")]
-        cmd += ["--data", str(SHARED), "--quiet", *(["--limit", "1"] * ("--limit" not in args))]
+        cmd = [sys.executable, script, *args, "--out", str(tmp_path / f"{i}.jsonl"), "--quiet"]
+        cmd += ["--data", str(SHARED)] * ("--data" not in args)
+        cmd += ["--limit", "1"] * ("--limit" not in args)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("teacher.py: ") and needle in lines[0], lines
         assert not (tmp_path / f"{i}.jsonl").exists()
+        assert not (tmp_path / f"{i}.jsonl.parts").exists()
     # a --dtype torch has no use for: argparse's usage error, not a failed load of the model
     cmd = [sys.executable, script, "--local", "m", "--dtype", "int8", "--out", str(tmp_path / "d")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
