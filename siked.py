@@ -64,6 +64,7 @@ import os
 import random
 import shutil
 import time
+import typing
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
@@ -195,7 +196,6 @@ class RunConfig:
     gen_batch_size: int = arg(64, "sequences decoded together by sample.generate")
 
 
-TYPES = {"train_limit": int, "eval_limit": int, "lr": float, "mix_rate": float}  # default None
 # Settings a rerun into an existing run folder may change: where it is, what runs now, how far.
 RERUN_FREE = ("run_name", "runs_dir", "only", "iterations", "fsdp")  # fsdp: same math as DDP
 # SPEC.md section 4: SIKeD minus the best traditional distillation baseline, accuracy points.
@@ -207,6 +207,26 @@ PAPER_GAINS = {
     "qwen2-1.5b": {"asdiv": "+0.8..1.6"},
 }
 HELDOUT = "gsm8k-heldout"  # the 10% of GSM8K train held out; evaluated to choose an iteration
+POSITIVE = (
+    "iterations samples epochs batch_size micro_batch_size max_seq_len chunk_size gen_batch_size "
+    "sample_max_new_tokens eval_max_new_tokens lora_r lora_alpha ckpt_every teacher_samples "
+    "train_limit eval_limit"
+)
+# check_config's ranges: (fields, ok, expected). Each ok is a comparison, which nan fails.
+RANGES = [
+    (POSITIVE, lambda x: x >= 1, "a positive integer"),
+    (
+        "rel_tol temperature weight_decay grad_clip warmup_steps",
+        lambda x: 0 <= x < math.inf,
+        "a finite value >= 0",
+    ),
+    ("mix_rate", lambda x: 0 <= x <= 1, "a value in [0, 1]"),
+    ("top_p", lambda x: 0 < x <= 1, "a value in (0, 1]"),
+    ("heldout_frac", lambda x: 0 < x < 1, "a value in (0, 1)"),
+    ("lr", lambda x: 0 < x < math.inf, "a finite learning rate > 0"),
+    # derived seeds (seed + iteration, + chunk) must stay in torch's manual_seed range
+    ("seed", lambda x: 0 <= x < 2**32, "an integer in [0, 2**32)"),
+]
 
 
 def fail(message: str):  # a one-line error for the command line
@@ -235,11 +255,15 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_json(path: Path):
+def read_json(path: Path) -> dict:
+    """A JSON object from a file (a config, a DONE marker, eval.json); damaged: a one-line error."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:  # json's own message names no file
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        fail(f"{path}: not valid JSON ({e})")
+    if not isinstance(obj, dict):
+        fail(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -463,7 +487,7 @@ def train(model: Transformer, examples: list[Example], cfg: RunConfig, device: t
         set_state_dict(model, opt, model_state_dict=state["trainable"],
                        optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True, strict=False))  # fmt: skip
-        step, first_loss = state["step"], state.get("first_loss", float("nan"))  # nan: older file
+        step, first_loss = state["step"], state["first_loss"]
         log(f"{desc}: resuming from {ckpt_path} at step {step}/{total_steps}")
 
     amp = cfg.dtype == "bfloat16"
@@ -530,18 +554,11 @@ def train(model: Transformer, examples: list[Example], cfg: RunConfig, device: t
         )
         done = step + 1
         if ckpt_path is not None and done % cfg.ckpt_every == 0 and done < total_steps:
-            trainable, optimizer = get_state_dict(model, opt, options=whole)  # all ranks
+            trainable, optim = get_state_dict(model, opt, options=whole)  # all ranks
             if d.main:
                 tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp{os.getpid()}")
-                torch.save(
-                    {
-                        "step": done,
-                        "first_loss": first_loss,
-                        "trainable": trainable,
-                        "optimizer": optimizer,
-                    },
-                    tmp,
-                )
+                state = dict(step=done, first_loss=first_loss, trainable=trainable, optimizer=optim)
+                torch.save(state, tmp)
                 os.replace(tmp, ckpt_path)
     bar.close()
     model.eval()
@@ -1042,40 +1059,35 @@ def write_report(R: Run) -> None:
         if f"iter{t} eval" in done
     }
     row = lambda *cells: "| " + " | ".join(map(str, cells)) + " |"
-    table = lambda *columns: [row(*columns), "|---" * len(columns) + "|"]  # header and rule
-
+    table = lambda header, rows: "\n".join([row(*header), "|---" * len(header) + "|", *rows])
+    # the report is blocks (paragraphs, tables, headings) separated by blank lines
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    L = [f"# SIKeD run `{R.dir.name}`", "", f"Rewritten {stamp} after each stage by siked.py."]
+    blocks = [f"# SIKeD run `{R.dir.name}`", f"Rewritten {stamp} after each stage by siked.py."]
     if cfg.quick:
-        L += [
-            "",
-            "**A --quick run**: scaled down to finish in minutes on a CPU; its numbers say "
-            "the pipeline works, not what the method achieves.",
-        ]
-    teacher_source = done["teacher"]["source"] if "teacher" in done else "(not run yet)"
-    paper = dataclasses.asdict(RunConfig())
-    # lr and dtype are resolved for this model and device, so never RunConfig's None and "auto"
-    shown = ("model", "lr", "dtype")
-    changed = {k: v for k, v in dataclasses.asdict(cfg).items() if k in shown or v != paper[k]}
-    for k in ("run_name", "runs_dir", "only"):  # where and what runs now, not the method's settings
-        changed.pop(k, None)
-    L += [
-        "",
-        "## Config",
-        "",
-        f"Teacher: {teacher_source}; {len(R.train_ids)} training "
-        f"questions, {len(R.heldout_ids)} held out (GSM8K train). The model, its learning rate and "
-        "dtype, and the settings that differ from the paper's (RunConfig's defaults); "
-        "`config.json` has every one.",
-        "",
-    ]
-    L += table("setting", "value")
-    L += [row(k, ",".join(v) if isinstance(v, tuple) else v) for k, v in changed.items()]
+        blocks.append(
+            "**A --quick run**: scaled down to finish in minutes on a CPU; its numbers "
+            "say the pipeline works, not what the method achieves."
+        )
 
-    L += ["", "## Data per iteration", ""]
-    L += table("iteration", "teacher rows (D_LLM)", "self-generated kept / samples", "alpha",
-               "training rows", "packed sequences", "steps")  # fmt: skip
-    listing = lambda per, cell: ", ".join(f"{s} {cell(v)}" for s, v in per.items())
+    # the model, lr and dtype (resolved for this model and device, never RunConfig's None and
+    # "auto"), then what differs from the paper; not where and what runs now
+    paper = dataclasses.asdict(RunConfig())
+    hidden, shown = ("run_name", "runs_dir", "only"), ("model", "lr", "dtype")
+    settings = [
+        row(k, ",".join(v) if isinstance(v, tuple) else v)
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in hidden and (k in shown or v != paper[k])
+    ]
+    teacher_source = done["teacher"]["source"] if "teacher" in done else "(not run yet)"
+    blocks += [
+        "## Config",
+        f"Teacher: {teacher_source}; {len(R.train_ids)} training questions, {len(R.heldout_ids)} "
+        "held out (GSM8K train). The model, its learning rate and dtype, and the settings that "
+        "differ from the paper's (RunConfig's defaults); `config.json` has every one.",
+        table(("setting", "value"), settings),
+    ]
+
+    data, listing = [], lambda per, cell: ", ".join(f"{s} {cell(v)}" for s, v in per.items())
     for t in iters:
         tr, fi, mx = (done.get(f"iter{t} {s}") for s in ("train", "filter", "mix"))
         if t == 1:  # iteration 1 trains on teacher rows only
@@ -1086,82 +1098,81 @@ def write_report(R: Run) -> None:
                 listing(fi["per_strategy"], lambda v: f"{v['kept']}/{v['samples']}") if fi else "",
                 f"{mx['alpha']:.3f}" if mx else "",
             ]
-        L.append(row(t, *cells, *(tr[k] if tr else "" for k in ("rows", "sequences", "steps"))))
+        data.append(row(t, *cells, *(tr[k] if tr else "" for k in ("rows", "sequences", "steps"))))
+    header = ("iteration", "teacher rows (D_LLM)", "self-generated kept / samples", "alpha",
+              "training rows", "packed sequences", "steps")  # fmt: skip
+    blocks += ["## Data per iteration", table(header, data)]
 
-    L += [
-        "",
-        "## Accuracy",
-        "",
-        f"Accuracy (%) with a 95% Wilson interval; `{HELDOUT}` is the "
-        "held-out 10% of GSM8K train, used only to choose an iteration.",
-        "",
-    ]
-    L += table("iteration", *sets)
     pct = lambda x: f"{100 * x:.1f}"
     cell = lambda r: f"{pct(r['accuracy'])} [{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] (n={r['n']})"
-    L += [row(t, *(cell(res[s]) for s in sets)) for t, res in evals.items()]
+    accuracy = [row(t, *(cell(res[s]) for s in sets)) for t, res in evals.items()]
     if len(evals) > 1:
         first, last = evals[min(evals)], evals[max(evals)]
         gains = [f"{100 * (last[s]['accuracy'] - first[s]['accuracy']):+.1f}" for s in sets]
-        L.append(row(f"gain, iteration {max(evals)} - {min(evals)}", *gains))
+        accuracy.append(row(f"gain, iteration {max(evals)} - {min(evals)}", *gains))
     key = next((k for k in PAPER_GAINS if k in Path(cfg.model).name.lower()), None)
     if key:
-        L.append(row(f"paper's gain ({key})", *(PAPER_GAINS[key].get(s, "") for s in sets)))
-    L += [
-        "",
-        "The paper's gains (SPEC.md section 4) are SIKeD minus the best single-strategy "
-        "or Combined baseline; ours are the last iteration minus the first evaluated (1).",
-    ]
+        accuracy.append(row(f"paper's gain ({key})", *(PAPER_GAINS[key].get(s, "") for s in sets)))
+    note = (
+        "The paper's gains (SPEC.md section 4) are SIKeD minus the best single-strategy or "
+        "Combined baseline; ours are the last iteration minus the first evaluated (1)."
+    )
     if evals:
         best = max(evals, key=lambda t: (evals[t][HELDOUT]["accuracy"], -t))
         where = R.student(best).relative_to(R.dir)
-        L.append(f"Best iteration on {HELDOUT}: **{best}** (student `{where}`).")
-
-    L += [
-        "",
-        "## Strategy mix",
-        "",
-        "Each training set by strategy (with its teacher and "
-        "student rows), and the strategy the student chose on each evaluation set (`none`: no "
-        "tag).",
-        "",
+        note += f"\nBest iteration on {HELDOUT}: **{best}** (student `{where}`)."
+    blocks += [
+        "## Accuracy",
+        f"Accuracy (%) with a 95% Wilson interval; `{HELDOUT}` is the held-out 10% of GSM8K train, "
+        "used only to choose an iteration.",
+        table(("iteration", *sets), accuracy),
+        note,
     ]
-    chart = []
+
+    charts = []  # one per iteration
     for t in iters:
         lines, tr, mx = [], done.get(f"iter{t} train"), done.get(f"iter{t} mix")
         for s, n in tr["per_strategy"].items() if tr else ():
             zero = {"teacher": 0, "student": 0}  # missing: a dropped strategy an old filter kept
             src = mx["per_strategy"].get(s, zero) if mx else {"teacher": n, "student": 0}
             share = n / sum(tr["per_strategy"].values())
-            note = f"teacher {src['teacher']}, student {src['student']}"
-            lines.append(_chart_line(t, "train", s, share, note))
+            detail = f"teacher {src['teacher']}, student {src['student']}"
+            lines.append(_chart_line(t, "train", s, share, detail))
         for name in cfg.eval_sets if t in evals else ():
             for s, v in evals[t][name]["strategies"].items():
-                note = f"accuracy {v['accuracy']:.1%}, n={v['n']}"
-                lines.append(_chart_line(t, name, s, v["share"], note))
-        chart += [*lines, ""] if lines else []
-    L += ["```", *chart[:-1], "```"] if chart else ["(no iteration trained yet)"]
+                detail = f"accuracy {v['accuracy']:.1%}, n={v['n']}"
+                lines.append(_chart_line(t, name, s, v["share"], detail))
+        charts += ["\n".join(lines)] if lines else []
+    blocks += [
+        "## Strategy mix",
+        "Each training set by strategy (with its teacher and student rows), and the strategy the "
+        "student chose on each evaluation set (`none`: no tag).",
+        "```\n" + "\n\n".join(charts) + "\n```" if charts else "(no iteration trained yet)",
+    ]
 
-    L += ["", "## Wall time", "", *table("stage", "wall time", "throughput")]
     rates = {"train_tok_s": "trained", "sample_tok_s": "sampled", "gen_tok_s": "decoded"}
-    for label, info in done.items():
-        rate = " ".join(f"{info[k]} tok/s {v}" for k, v in rates.items() if info.get(k))
-        L.append(row(label, f"{info['wall_s'] / 60:.1f} min", rate))
-
-    L += [
-        "",
+    wall = [
+        row(
+            label,
+            f"{info['wall_s'] / 60:.1f} min",
+            " ".join(f"{info[k]} tok/s {v}" for k, v in rates.items() if info.get(k)),
+        )
+        for label, info in done.items()
+    ]
+    blocks += [
+        "## Wall time",
+        table(("stage", "wall time", "throughput"), wall),
         "## Files",
-        "",
         "- `config.json`, `split.json` (training / held-out ids), `log.txt`; `teacher/`: "
-        "`teacher.jsonl` every teacher row, `selected.jsonl` one per (question, strategy)",
+        "`teacher.jsonl` every teacher row, `selected.jsonl` one per (question, strategy)\n"
         "- `iter1/train/data.jsonl`, `iterT/mix/train.jsonl`: each training set; every row has "
         "its `source` (teacher/student), `iteration` and `strategy`, student rows their `seed`, "
-        "`sample` and `verdict`, teacher rows their `teacher` (gold, http:..., local:...)",
+        "`sample` and `verdict`, teacher rows their `teacher` (gold, http:..., local:...)\n"
         "- `iterT/filter/samples.jsonl` every student sample with its verdict, `kept.jsonl`; "
         "`iterT/train/student/` the merged student (HF layout); `iterT/eval/predictions.jsonl`, "
         "`eval.json`",
     ]
-    atomic_write(R.dir / "report.md", "\n".join(L) + "\n")
+    atomic_write(R.dir / "report.md", "\n\n".join(blocks) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -1275,34 +1286,15 @@ def check_config(cfg: RunConfig, world: int) -> None:
             "--off-policy needs an LLM teacher (--teacher-url or --teacher-local): the gold "
             "teacher has one solution per (question, strategy), none to spare"
         )
-    if cfg.mix_rate is not None and not 0.0 <= cfg.mix_rate <= 1.0:
-        fail(f"--mix-rate {cfg.mix_rate}: expected a value in [0, 1]")
-    positive = (
-        "iterations samples epochs batch_size micro_batch_size max_seq_len chunk_size "
-        "gen_batch_size sample_max_new_tokens eval_max_new_tokens lora_r lora_alpha ckpt_every "
-        "teacher_samples train_limit eval_limit"
-    )
-    for k in positive.split():
-        if getattr(cfg, k) is not None and getattr(cfg, k) < 1:  # None: no limit
-            fail(f"{flag(k)} {getattr(cfg, k)}: expected a positive integer")
-    # written as `not lo <= x <= hi`: nan fails every comparison, so it is refused too
-    for k in ("rel_tol", "temperature", "weight_decay", "grad_clip", "warmup_steps"):
-        if not 0 <= getattr(cfg, k) < math.inf:
-            fail(f"{flag(k)} {getattr(cfg, k)}: expected a finite value >= 0")
-    if not 0.0 < cfg.top_p <= 1.0:
-        fail(f"--top-p {cfg.top_p}: expected a value in (0, 1]")
-    if cfg.lr is not None and not 0 < cfg.lr < math.inf:
-        fail(f"--lr {cfg.lr}: expected a finite learning rate > 0")
-    # derived seeds (seed + iteration, + chunk) must stay in torch's manual_seed range
-    if not 0 <= cfg.seed < 2**32:
-        fail(f"--seed {cfg.seed}: expected an integer in [0, 2**32)")
+    for fields, ok, expected in RANGES:
+        for k in fields.split():
+            if getattr(cfg, k) is not None and not ok(getattr(cfg, k)):  # None: not given
+                fail(f"{flag(k)} {getattr(cfg, k)}: expected {expected}")
     if cfg.batch_size % (cfg.micro_batch_size * world):
         fail(
             f"--batch-size {cfg.batch_size}: expected a multiple of --micro-batch-size "
             f"{cfg.micro_batch_size} x {world} processes"
         )
-    if not 0.0 < cfg.heldout_frac < 1.0:
-        fail(f"--heldout-frac {cfg.heldout_frac}: expected a value in (0, 1)")
     name = default_run_name(cfg) if cfg.run_name is None else cfg.run_name
     if name in ("", ".", "..") or Path(name).name != name:  # else it lands outside --runs-dir
         fail(f"--run-name {name!r}: expected a folder name, without '/' and not '.' or '..'")
@@ -1409,7 +1401,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         if isinstance(default, tuple):
             kind, shown = csv, ",".join(default)
         else:
-            kind, shown = TYPES.get(f.name, str if default is None else type(default)), default
+            # a None default: the type its annotation (X | None) names
+            kind, shown = typing.get_args(f.type)[0] if default is None else type(default), default
         required = f.name == "model"  # RunConfig's default model is for code, not the CLI
         text += "" if "default" in text or default is None or required else f" (default {shown})"
         g.add_argument(flag, type=kind, choices=f.metadata["choices"], help=text,

@@ -380,6 +380,21 @@ def test_a_mistake_found_after_loading_saves_no_config(
     assert not runs.exists()
 
 
+@pytest.mark.parametrize(
+    "text, message", [("{", "not valid JSON"), ("[1]", "expected a JSON object, got list")]
+)
+def test_a_damaged_run_config_names_its_file(text, message, smollm2_dir, tmp_path, monkeypatch):
+    for k, v in env().items():
+        monkeypatch.setenv(k, v)
+    cfg = siked.parse_args(["--model", str(smollm2_dir), "--runs-dir", str(tmp_path)])
+    config = tmp_path / siked.default_run_name(cfg) / "config.json"
+    config.parent.mkdir()
+    config.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        siked.main(cfg)
+    assert str(e.value).startswith(f"siked: {config}: {message}") and "\n" not in str(e.value)
+
+
 def test_a_missing_model_is_a_one_line_error(tmp_path):
     cmd = [
         sys.executable,
@@ -598,6 +613,27 @@ def test_a_kill_right_after_the_last_stage_then_a_rerun_closes_it(
     before = tree(folder)
     siked.main(cfg)  # closed now: a rerun leaves the folder as it is
     assert tree(folder) == before
+
+
+@pytest.mark.parametrize(
+    "damaged, only",
+    [("teacher/DONE", None), ("iter1/eval/DONE", "report"), ("iter2/eval/eval.json", "report")],
+)
+def test_a_damaged_stage_file_is_a_one_line_error(
+    damaged, only, finished_run, smollm2_dir, tmp_path, monkeypatch
+):
+    """A DONE marker or eval.json that is not a JSON object: the rerun names it in one line."""
+    reference, _ = finished_run
+    folder = tmp_path / "runs" / reference.name
+    shutil.copytree(reference, folder)
+    (folder / damaged).write_text("{")  # newer than report.md: the rerun closes its stage again
+    for k, v in env().items():
+        monkeypatch.setenv(k, v)
+    cfg = siked.parse_args(command(smollm2_dir, folder.parent)[2:])
+    with pytest.raises(SystemExit) as e:
+        siked.main(dataclasses.replace(cfg, only=only))
+    assert str(e.value).startswith(f"siked: {folder / damaged}: not valid JSON")
+    assert "\n" not in str(e.value)
 
 
 def test_torchrun_fsdp_saves_the_student_of_one_process(finished_run, smollm2_dir, tmp_path):
