@@ -308,8 +308,7 @@ def gold_pot_explain(
             for node in ast.walk(expr):  # refer to earlier results by name (the latest one)
                 for field, child in ast.iter_fields(node):
                     if isinstance(child, ast.Constant) and child.value not in given:
-                        match = [n for n, v in env.items() if _close(v, child.value)]
-                        if match:
+                        if match := [n for n, v in env.items() if _close(v, child.value)]:
                             setattr(node, field, ast.Name(match[-1], ast.Load()))
             try:
                 value = _evaluate(expr, env)
@@ -324,18 +323,16 @@ def gold_pot_explain(
             places = [ast.Constant(digits)] if digits else []
             for fn, extra in (("round", places), ("int", []), ("math.ceil", [])):
                 call = ast.Call(ast.parse(fn, mode="eval").body, [expr, *extra], [])
-                if _close(_evaluate(call, env), stated):
-                    expr, value = call, _evaluate(call, env)
+                if _close(rounded := _evaluate(call, env), stated):
+                    expr, value = call, rounded
                     break
         name = _name_for(line, start, end, env)
         exprs[name], env[name] = expr, value
-    if not exprs:
-        return None, "no_steps"
-    final = [n for n, v in env.items() if _close(v, gold, _GOLD_TOL)]
-    if not final:
-        return None, "gold_not_reached"
+    final = next((n for n in reversed(env) if _close(env[n], gold, _GOLD_TOL)), None)
+    if final is None:
+        return None, "gold_not_reached" if exprs else "no_steps"
     # keep the steps the answer depends on
-    needed = {final[-1]}
+    needed = {final}
     for name in reversed(exprs):  # a step refers only to earlier steps
         if name in needed:
             needed.update(n.id for n in ast.walk(exprs[name]) if isinstance(n, ast.Name))
@@ -347,23 +344,22 @@ def gold_pot_explain(
     nodes = [n for k in kept for n in ast.walk(exprs[k])]
     digits = {id(n.args[1]) for n in nodes if isinstance(n, ast.Call) and len(n.args) == 2}
     for node in nodes:
-        if not isinstance(node, ast.Constant) or id(node) in digits:
+        if not isinstance(node, ast.Constant) or id(node) in digits or node.value in given:
             continue
-        if _close(node.value, gold, _GOLD_TOL) and node.value not in given:
+        if _close(node.value, gold, _GOLD_TOL):
             node.value, original = nudge, node.value
             try:
                 nudged = {}
                 for k in kept:
                     nudged[k] = _evaluate(exprs[k], nudged)
-                copied = _close(nudged[final[-1]], nudge)
+                if _close(nudged[final], nudge):
+                    return None, "gold_literal"
             except (ZeroDivisionError, OverflowError, ValueError):
-                copied = False
+                pass  # the nudge broke the arithmetic: the answer does not follow it
             node.value = original
-            if copied:
-                return None, "gold_literal"
     lines = ["import math"] if any(isinstance(n, ast.Attribute) for n in nodes) else []
     lines += [f"{k} = {ast.unparse(exprs[k])}" for k in kept]
-    return "\n".join(lines + [f"answer = {final[-1]}"]), "ok"
+    return "\n".join(lines + [f"answer = {final}"]), "ok"
 
 
 def gold_pot(

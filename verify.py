@@ -103,13 +103,10 @@ _FENCE_RE = re.compile(r"```(?:python|py)?[ \t]*(?:\n|\Z)(.*?)(?:```|\Z)", re.S 
 def _numbers(text: str):
     """The numbers in `text`, in order (a fraction over 0 is skipped)."""
     for m in _NUMBER_RE.finditer(text):
-        value = float(m["num"].replace(",", ""))
-        if m["den"] is not None:
-            den = float(m["den"].replace(",", ""))
-            if den == 0:
-                continue
-            value /= den
-        yield -value if m["sign"] or m["sign2"] else value
+        den = float(m["den"].replace(",", "")) if m["den"] else 1.0
+        if den:
+            value = float(m["num"].replace(",", "")) / den
+            yield -value if m["sign"] or m["sign2"] else value
 
 
 def strip_code_fence(text: str) -> str:
@@ -364,9 +361,10 @@ def _worker_main(cfg: SandboxConfig) -> None:
             return
         if event == "exec" and getattr(args[0], "co_filename", None) == "<pot>":
             return
-        # exactly a tuple: a program's tuple subclass could make its own == say yes
-        limits = args[1] if event == "resource.setrlimit" and type(args[1]) is tuple else None
-        if limits == (cpu_soft[0], cpu_hard) and args[0] == resource.RLIMIT_CPU:
+        # exactly a tuple of ints: a program's subclasses could make their own == say yes
+        limits = args[1] if event == "resource.setrlimit" else None
+        exact = type(limits) is tuple and all(type(x) is int for x in limits)
+        if exact and limits == (cpu_soft[0], cpu_hard) and args[0] == resource.RLIMIT_CPU:
             return
         raise RuntimeError(f"sandbox: {event} is not allowed")
 
@@ -458,8 +456,7 @@ class _Worker:
         )
         self.rfd, self.wfd = self.proc.stdout.fileno(), self.proc.stdin.fileno()
         os.set_blocking(self.wfd, False)  # reads wait for poll; a write takes what the pipe takes
-        self.rbuf, self.wbuf = b"", b""
-        self.ready = False
+        self.rbuf, self.wbuf, self.ready = b"", b"", False
         self.job = None  # (index, id) of the program it runs
         self.deadline = time.monotonic() + 30.0  # to start up; math.inf while idle
 
@@ -591,10 +588,8 @@ class PotSandbox:
         if w.job is None:  # garbage before it was ready, or it spoke out of turn
             return self._replace(w)
         value, error, stdout = msg.get("value"), msg.get("error"), msg.get("stdout", "")
-        if value is None:
-            ok = isinstance(error, str)
-        else:
-            ok = error is None and type(value) is float and math.isfinite(value)  # (10**400 is int)
+        finite = type(value) is float and math.isfinite(value)  # JSON reads 10**400 as an int
+        ok = isinstance(error, str) if value is None else finite and error is None
         if not ok or msg.get("id") != w.job[1] or not isinstance(stdout, str):
             return self._replace(w, results, "worker sent an invalid result")
         results[w.job[0]] = PotResult(value, error, stdout)

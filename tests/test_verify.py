@@ -703,6 +703,16 @@ def test_layer_hook_allows_only_its_own_cpu_limit(hook_box):
         "answer = 1"
     )
     assert "resource.setrlimit is not allowed" in run_hostile(hook_box, code)
+    # ...and nor must a tuple of int subclasses equal to everything (raising the CPU limit)
+    code = (
+        "import resource\n"
+        "class Equal(int):\n"
+        "    def __eq__(self, other):\n"
+        "        return True\n"
+        "resource.setrlimit(resource.RLIMIT_CPU, (Equal(10 ** 6), Equal(10 ** 6)))\n"
+        "answer = 1"
+    )
+    assert "resource.setrlimit is not allowed" in run_hostile(hook_box, code)
 
 
 def test_layer_hook_refuses_subprocess_via_loaded_posix(hook_box, tmp_path):
