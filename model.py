@@ -379,7 +379,10 @@ def read_safetensors(path: Path):
         try:
             header = json.loads(f.read(n))
             header.pop("__metadata__", None)
-            entries = {k: _entry(e) for k, e in header.items()}
+            entries = {}
+            for key, e in header.items():
+                begin, end = map(int, e["data_offsets"])
+                entries[key] = e["dtype"], tuple(map(int, e["shape"])), begin, end
             largest = max((end - begin for _, _, begin, end in entries.values()), default=0)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise bad(f"header: {type(e).__name__} {e}") from None
@@ -406,11 +409,6 @@ def read_safetensors(path: Path):
 
         for key, (_, shape, _, _) in entries.items():
             yield key, shape, read
-
-
-def _entry(e: dict) -> tuple:
-    begin, end = map(int, e["data_offsets"])
-    return e["dtype"], tuple(map(int, e["shape"])), begin, end
 
 
 def load_weights(folder: Path, expected: dict, device, dtype) -> dict:
@@ -468,24 +466,13 @@ def resolve_checkpoint(name_or_path, *, weights: bool = True) -> Path:
         files = [folder / f for f in REQUIRED_FILES] + (weight_files(folder)[1] if weights else [])
         if all(f.is_file() for f in files):
             return folder
-    new = [d for d in (dest, *dest.parents) if not d.exists()]  # innermost first
-    try:
-        # config first (a gated repo fails fast), weights last (their presence marks a full folder)
-        for name in ("config.json", *OPTIONAL_FILES, *REQUIRED_FILES[1:]):
-            download(repo, name, dest, optional=name in OPTIONAL_FILES)
-        if weights and not download(repo, "model.safetensors", dest, optional=True):
-            download(repo, "model.safetensors.index.json", dest)
-            for shard in weight_files(dest)[1]:
-                download(repo, shard.name, dest)
-    except BaseException:
-        # a failure that fetched nothing leaves no empty folders of ours; rmdir refuses a
-        # folder with files in it, so fetched files and resumable .part files stay
-        for d in new:
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        raise
+    # config first (a gated repo fails fast), weights last (their presence marks a full folder)
+    for name in ("config.json", *OPTIONAL_FILES, *REQUIRED_FILES[1:]):
+        download(repo, name, dest, optional=name in OPTIONAL_FILES)
+    if weights and not download(repo, "model.safetensors", dest, optional=True):
+        download(repo, "model.safetensors.index.json", dest)
+        for shard in weight_files(dest)[1]:
+            download(repo, shard.name, dest)
     return dest
 
 
@@ -505,13 +492,12 @@ def download(repo: str, name: str, dest: Path, optional: bool = False) -> bool:
     target, part = dest / name, dest / (name + ".part")
     if target.is_file():
         return True
-    dest.mkdir(parents=True, exist_ok=True)
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     url = f"{endpoint.rstrip('/')}/{repo}/resolve/main/{name}"
     have = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"User-Agent": "siked"})
-    if os.environ.get("HF_TOKEN"):
-        req.add_unredirected_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
+    if token := os.environ.get("HF_TOKEN"):
+        req.add_unredirected_header("Authorization", f"Bearer {token}")
     if have:
         req.add_header("Range", f"bytes={have}-")
     try:
@@ -532,6 +518,7 @@ def download(repo: str, name: str, dest: Path, optional: bool = False) -> bool:
         reason = getattr(e, "reason", None) or e
         raise ConnectionError(f"{url}: cannot download {repo} ({reason})") from None
     with resp:
+        dest.mkdir(parents=True, exist_ok=True)  # once the server answers: a 404 leaves no folder
         have = have if resp.status == 206 else 0  # 200: the server ignored the Range header
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length is not None else None

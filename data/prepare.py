@@ -105,8 +105,6 @@ def parse_number(text: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------- raw files
-
-
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()  # the largest raw file is 4 MB
 
@@ -128,13 +126,11 @@ def atomic_open(path: Path, mode: str = "w"):
         raise
 
 
-def download(
-    url: str, dest: Path, sha256: str | None = None, progress: bool = True, timeout_s: float = 60.0
-) -> None:
+def download(url: str, dest: Path, sha256: str | None = None, progress: bool = True) -> None:
     """Stream url into dest through atomic_open, with a progress bar; a short or wrong file (sha256)
     is a ValueError and never lands at dest."""
-    digest, size = hashlib.sha256(), 0
-    with atomic_open(dest, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as resp:
+    digest = hashlib.sha256()
+    with atomic_open(dest, "wb") as f, urllib.request.urlopen(url, timeout=60) as resp:
         total = int(resp.headers.get("Content-Length") or 0) or None
         with tqdm.wrapattr(
             f, "write", total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
@@ -142,8 +138,8 @@ def download(
             while chunk := resp.read(1 << 16):
                 out.write(chunk)
                 digest.update(chunk)
-                size += len(chunk)
-        if total is not None and size != total:  # the server closed early: not an error to urllib
+        # a server that closed early: not an error to urllib
+        if total is not None and (size := f.tell()) != total:
             raise ValueError(f"{url}: download cut short ({size} of {total} bytes); run again")
         if sha256 is not None and digest.hexdigest() != sha256:
             raise ValueError(
@@ -159,31 +155,26 @@ def fetch(
     $SIKED_DATA, else downloaded into raw_dir; None for a missing optional file."""
     remote = FILES[rel]
     source = source or os.environ.get("SIKED_DATA")
-    if source:
-        path = Path(source).expanduser() / rel
-        if not path.is_file():
+    path = Path(source).expanduser() / rel if source else Path(raw_dir or DATA_DIR / "raw") / rel
+    if source and not path.is_file():
+        if remote.optional:
+            note(f"prepare: {path} is missing: carrying on without it")
+            return None
+        raise ValueError(f"{path}: missing (expected {rel}, as listed in data/prepare.py FILES)")
+    if not path.is_file():
+        try:
+            download(remote.url, path, remote.sha256, progress=progress)
+        except (OSError, HTTPException) as e:  # URLError, HTTPError, a timeout, a cut transfer
+            reason = str(getattr(e, "reason", None) or e)
+            if isinstance(e, urllib.error.HTTPError):
+                reason = f"HTTP {e.code} {reason}"
             if remote.optional:
-                note(f"prepare: {path} is missing: carrying on without it")
+                note(f"prepare: {rel} is not available ({reason}): carrying on without it")
                 return None
             raise ValueError(
-                f"{path}: missing (expected {rel}, as listed in data/prepare.py FILES)"
-            )
-    else:
-        path = Path(raw_dir or DATA_DIR / "raw") / rel
-        if not path.is_file():
-            try:
-                download(remote.url, path, remote.sha256, progress=progress)
-            except (OSError, HTTPException) as e:  # URLError, HTTPError, a timeout, a cut transfer
-                reason = str(getattr(e, "reason", None) or e)
-                if isinstance(e, urllib.error.HTTPError):
-                    reason = f"HTTP {e.code} {reason}"
-                if remote.optional:
-                    note(f"prepare: {rel} is not available ({reason}): carrying on without it")
-                    return None
-                raise ValueError(
-                    f"{remote.url}: cannot download ({reason}); pass --from DIR or set SIKED_DATA "
-                    "to a local copy"
-                ) from None
+                f"{remote.url}: cannot download ({reason}); pass --from DIR or set SIKED_DATA "
+                "to a local copy"
+            ) from None
     if remote.sha256 is not None and (got := sha256_file(path)) != remote.sha256:
         raise ValueError(
             f"{path}: sha256 {got} does not match the expected {remote.sha256} for {rel} "
@@ -193,8 +184,6 @@ def fetch(
 
 
 # ----------------------------------------------------------------------------------------- parsers
-
-
 def _json_items(path: Path) -> list[tuple[int, object]]:
     """The items of a JSON list file with the line each starts on (for one-line errors)."""
     text = path.read_text(encoding="utf-8")
@@ -205,8 +194,7 @@ def _json_items(path: Path) -> list[tuple[int, object]]:
     if not isinstance(data, list):
         raise ValueError(f"{path}:1: expected a JSON list of problems, got {type(data).__name__}")
     decoder, skip, items = json.JSONDecoder(), re.compile(r"[\s,]*"), []
-    pos = counted = text.index("[") + 1
-    line = 1 + text.count("\n", 0, pos)
+    pos, line, counted = text.index("[") + 1, 1, 0
     for item in data:
         pos = skip.match(text, pos).end()
         line, counted = line + text.count("\n", counted, pos), pos
@@ -338,8 +326,6 @@ def parse_asdiv(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
 
 
 # ------------------------------------------------------------------------------------ prepare/load
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with atomic_open(path) as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

@@ -26,6 +26,7 @@ Sampling is seeded per chunk, so a resumed LLM run is not bit-identical to an un
 """
 
 import argparse
+import contextlib
 import email.utils
 import json
 import os
@@ -38,7 +39,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from datetime import datetime, timezone
 from http.client import HTTPException
 from pathlib import Path
 
@@ -78,8 +78,6 @@ def select_teacher(rows: Iterable[dict]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------- rows and files
-
-
 def clean_text(text: str, strategy: str) -> str:
     """An LLM's reply as a solution body: no strategy tag, no Markdown fence around a program."""
     text = text.strip()
@@ -118,10 +116,8 @@ def _read_checked(path: Path, source: str) -> list[dict]:
 
 
 def _run_stage(questions, out_path, source, solve, progress, judged) -> dict:
-    """Write out_path: its rows so far, then the rows solve([(question, strategies it lacks)])
-    yields as (questions done, rows), each saved first as an atomic chunk file in `<out>.parts/`.
-    Prints and returns per strategy (questions with a correct row, questions) over
-    judged[strategy] (None: skipped); the strategies asked are judged's keys."""
+    """Extend out_path with the (questions done, rows) solve([(question, strategies it lacks)])
+    yields, chunk by chunk via `<out>.parts/`; prints, returns (solved, len(judged[s])) or None."""
     out = Path(out_path)
     parts = out.with_name(out.name + ".parts")
     rows = _read_checked(out, source) if out.exists() else []  # a finished file is extended
@@ -136,10 +132,11 @@ def _run_stage(questions, out_path, source, solve, progress, judged) -> dict:
     # that gave no row, e.g. a rationale gold_pot cannot convert, is tried again: it is cheap)
     todo = [(q, [s for s in judged if (q["id"], s) not in done]) for q in questions]
     todo = [(q, missing) for q, missing in todo if missing]
-    created = [d for d in (parts, *parts.parents) if not d.exists()]  # innermost first
-    parts.mkdir(parents=True, exist_ok=True)
     first = max((int(p.stem) for p in chunks if p.stem.isdigit()), default=-1) + 1  # gaps kept
     initial, total = len(questions) - len(todo), len(questions)
+    # made before the progress bar, so that an unwritable out is a one-line error
+    created = [d for d in (parts, *parts.parents) if not d.exists()]  # innermost first
+    parts.mkdir(parents=True, exist_ok=True)
     try:
         with tqdm(total=total, initial=initial, desc=source, disable=not progress) as bar:
             for i, (n_done, new) in enumerate(solve(todo), first):
@@ -155,13 +152,9 @@ def _run_stage(questions, out_path, source, solve, progress, judged) -> dict:
         finally:
             os.close(dir_fd)
     except BaseException:
-        # no empty folders of this run left behind; rmdir refuses one holding finished chunks
-        # (resumable work) or anything else
-        for d in created:
-            try:
+        for d in created:  # this run's empty folders; rmdir refuses one holding finished chunks
+            with contextlib.suppress(OSError):
                 d.rmdir()
-            except OSError:
-                break
         raise
     shutil.rmtree(parts)
     solved = {(r["id"], r["strategy"]) for r in rows if r["correct"]}
@@ -191,8 +184,6 @@ def _check(questions: list[dict], strategies_: Iterable[str]) -> tuple[str, ...]
 
 
 # ------------------------------------------------------------------------------------ gold teacher
-
-
 def gold_teacher(
     questions: list[dict], out_path: str | Path, *, strategies_: Iterable[str] = STRATEGY_NAMES,
     chunk_size: int = 256, rel_tol: float = 1e-4, workers: int | None = None, progress: bool = True,
@@ -224,8 +215,6 @@ def gold_teacher(
 
 
 # ------------------------------------------------------------------------------------ HTTP teacher
-
-
 class ChatClient:
     """A minimal OpenAI-compatible chat-completions client (urllib only) with retries."""
 
@@ -312,11 +301,8 @@ def _retry_after_s(value: str) -> float:
     try:
         wait_s = float(value)
     except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-            wait_s = (when - datetime.now(timezone.utc)).total_seconds()
-        except (TypeError, ValueError):  # not a date, or one without a zone
-            wait_s = 0.0
+        date = email.utils.parsedate_tz(value)  # None: not a date
+        wait_s = email.utils.mktime_tz(date) - time.time() if date else 0.0
     return min(wait_s, 60.0) if wait_s > 0 else 0.0  # nan and the past: no wait
 
 
@@ -381,8 +367,6 @@ def http_teacher(
 
 
 # ----------------------------------------------------------------------------------- local teacher
-
-
 def local_teacher(
     questions: list[dict], out_path: str | Path, model_name: str, *,
     strategies_: Iterable[str] = STRATEGY_NAMES, n: int = 10, temperature: float = 0.7,
@@ -390,9 +374,8 @@ def local_teacher(
     batch_size: int = 64, seed: int = 0, device: str | None = None, dtype: str | None = None,
     rel_tol: float = 1e-4, progress: bool = True,
 ) -> dict[str, tuple[int, int]]:  # fmt: skip
-    """Sample n solutions per question and strategy from a local model through sample.py.
-    Default device cuda where available, else cpu; dtype bfloat16 on cuda, float32 on cpu (faster
-    there than bf16 on the CPUs we measured)."""
+    """Sample n solutions per question and strategy from a local model through sample.py; by
+    default bfloat16 on cuda if available, else float32 on cpu (faster than bf16 there)."""
     strategies_ = _check(questions, strategies_)
     import torch  # torch, model.py and sample.py only for this teacher: the others stay light
 
@@ -402,7 +385,6 @@ def local_teacher(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     m = model_py.Transformer.from_pretrained(model_name, device=device, dtype=getattr(torch, dtype))
-    m.eval()
     tok = model_py.Tokenizer.from_pretrained(model_name)
     source = f"local:{Path(model_name).name if Path(model_name).exists() else model_name}"
     sampling = dict(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
@@ -425,8 +407,6 @@ def local_teacher(
 
 
 # --------------------------------------------------------------------------------------------- CLI
-
-
 def main(args: argparse.Namespace) -> dict:
     if args.limit is not None and args.limit < 0:  # questions[:-3] would be all but three
         raise ValueError(f"--limit {args.limit}: expected a number of questions >= 0")
