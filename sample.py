@@ -40,13 +40,10 @@ Design, and why:
    compacted. On an H200, 7-35x the eager step on SmolLM2-135M (README); on CPU it works
    (inductor) but the static length costs more than it saves.
 8. CPU: every linear layer runs from weights oneDNN reordered once per call (pack_linears), not on
-   every matmul as F.linear does in bf16: 1.3x (bf16) to 2x (fp32) faster decode matmuls on
-   SmolLM2-135M on an AMD EPYC (on an Intel Xeon, where fp32 F.linear is MKL's sgemm, fp32 gains
-   ~10% at 16 rows and loses at 1: README), bf16 logits bit-identical, fp32 within rounding.
-   Layers reading one input run as one matmul (q/k/v, gate/up: FUSED; bit-identical to apart):
-   3-17% faster decode steps on the Xeon, 16-64 rows (noisy A/B; whole calls: 0-2%). Each dense
-   weight is freed while its packed copy stands in and rebuilt from it after (exactly: oneDNN's
-   reorder back), so packing costs one layer at a time plus, for a tied head, its copy.
+   every matmul as F.linear does in bf16, and layers reading one input (FUSED: q/k/v, gate/up) run
+   as one matmul: bf16 logits bit-identical, fp32 within rounding, 1.3-2x faster decode matmuls
+   (README: where it gains and where not). Each dense weight is freed while its packed copy stands
+   in and rebuilt exactly after, so packing costs one layer at a time plus a tied head's copy.
    Prompts prefill in order of length, so a prefill chunk holds little padding.
 
 `Completion.logprob` sums log softmax of the raw fp32 logits over the generated tokens (eos and
