@@ -271,8 +271,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:  # a damaged chunk or stage file: named, one line
+                fail(f"{path}:{i}: not valid JSON ({e})")
+    return rows
 
 
 def is_done(folder: Path) -> bool:

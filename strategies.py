@@ -312,6 +312,8 @@ def gold_pot_explain(
                             setattr(node, field, ast.Name(match[-1], ast.Load()))
             try:
                 value = _evaluate(expr, env)
+                if not math.isfinite(value):  # a huge int raises OverflowError here
+                    continue
             except (ZeroDivisionError, OverflowError):
                 continue
             if _close(value, stated) or annotated:

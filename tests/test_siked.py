@@ -636,6 +636,16 @@ def test_a_damaged_stage_file_is_a_one_line_error(
     assert "\n" not in str(e.value)
 
 
+def test_a_damaged_jsonl_names_its_file_and_line(tmp_path):
+    path = tmp_path / "kept.jsonl"
+    path.write_text('{"id": 1}\n\n{"id": 2\n')
+    with pytest.raises(SystemExit) as e:
+        siked.read_jsonl(path)
+    assert str(e.value).startswith(f"siked: {path}:3: not valid JSON")
+    path.write_text('{"id": 1}\n\n{"id": 2}\n')  # blank lines are skipped
+    assert siked.read_jsonl(path) == [{"id": 1}, {"id": 2}]
+
+
 def test_torchrun_fsdp_saves_the_student_of_one_process(finished_run, smollm2_dir, tmp_path):
     """Two gloo processes with --fsdp: rank 0 gathers the shards and saves iteration 1's student,
     equal to the one-process run's (same global batches); the sharded eval covers every set."""

@@ -206,6 +206,9 @@ def test_gold_pot_explains_what_it_cannot_do():
     assert S.gold_pot_explain("He has 2+3=<<2+3=5>>5.")[1] == "no_gold"
     # `**` is not arithmetic GSM8K writes: refused, so no step can compute a huge power
     assert S.gold_pot_explain("It is 9**9**9 = <<9**9**9=9>>9.\n#### 9")[1] == "no_steps"
+    # a product too large for a float is skipped as a step, not an OverflowError
+    huge = "*".join(["99999999999999999999"] * 17)
+    assert S.gold_pot_explain(f"It is <<{huge}=5>>5.\n#### 5")[1] == "no_steps"
 
 
 def test_gold_l2m_from_a_socratic_rationale():
