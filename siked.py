@@ -1429,3 +1429,5 @@ if __name__ == "__main__":
         main(parse_args())
     except KeyboardInterrupt:
         fail("interrupted; the same command resumes from the last finished chunk or checkpoint")
+    except OSError as e:  # e.g. a --runs-dir that cannot be written, or a full disk
+        fail(f"{e} (finished work is kept: fix that and rerun the same command)")

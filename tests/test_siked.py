@@ -409,6 +409,15 @@ def test_a_missing_model_is_a_one_line_error(tmp_path):
     assert proc.stderr.startswith("siked: ") and proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_a_runs_dir_that_cannot_be_written_is_a_one_line_error(smollm2_dir):
+    runs = "/proc/siked-runs"  # /proc takes no new folders, even from root
+    cmd = [sys.executable, "siked.py", "--model", str(smollm2_dir), "--runs-dir", runs]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("siked: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert runs in proc.stderr
+
+
 # ----------------------------------------------------------------------------------- end to end
 
 # --quick, shrunk further so that the whole loop runs in about a minute on 2 idle CPU cores: 4
