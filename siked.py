@@ -39,9 +39,11 @@ Departures from the paper, on purpose:
    (--rel-tol 0: the paper's exact equality).
 4. MultiArith: all 600 problems (the paper's 180-problem HF split cannot be rebuilt here); ASDiv:
    the 2,096 of 2,305 problems with a numeric answer (data/prepare.py).
-5. The PoT sandbox (verify.py) has no sympy: programs that import it count as wrong.
+5. The PoT sandbox (verify.py) has no sympy: programs that import it count as wrong ([R]'s prefix
+   also defined solve_it; its math and lcm are here). Timeout 2 s, not 10.
 6. Packing without cross-contamination: each example attends only to itself, positions from 0
-   (TRL's packing of the time let examples see each other).
+   (TRL's packing of the time let examples see each other), and whole examples are packed greedily
+   (TRL cut the stream of examples into full sequences): sequences end in padding.
 7. LoRA by hand (not unsloth/PEFT), same r, alpha and targets; fp32 adapters on base weights in
    the run's dtype, bf16 autocast on CUDA.
 8. transformers' linear warmup/decay schedule per optimizer step (step 0 runs at lr 0); 8 packed
@@ -50,8 +52,14 @@ Departures from the paper, on purpose:
 9. Biased SIKeD samples each strategy forced too (SPEC 5.2), then the priority order picks one
    solution per question; [R] let its biased students pick (--sampling free).
 10. Off-policy (SPEC 1.6; the paper's setup is unknown): each student row of the mix gives way
-   to another correct teacher solution of its (question, strategy), else to D_LLM's own; needs
-   an LLM teacher.
+   to another correct teacher solution of its (question, strategy), else to D_LLM's own (with
+   --mix all, then twice in the set), else is dropped; needs an LLM teacher.
+11. Answers (CoT, L2M): the number after the last "Final Answer:", else "####", else "the answer
+   is", else the last number in the text (verify.py). [R] filters on the last number and
+   evaluates only after "final answer:" and a few fallbacks, so an output that stops before its
+   final answer may score here where [R] counts it wrong. Untagged outputs are read as CoT.
+12. Prompts are this project's wording (strategies.py); the LLM teacher gets an 8-shot chat
+   prompt per strategy, not an Alpaca one; sampling stops at the template's `###` sections.
 """
 
 import argparse

@@ -29,8 +29,9 @@ Not covered: kernel-level isolation (seccomp, namespaces); workers share uid 655
 use CPU and memory up to the limits. Run untrusted code at scale in a container as well.
 
 Sources: nanochat/execution.py (Karpathy, after OpenAI human-eval) for the sandbox's shape; PEP 578.
-Departures from [R]: [R] `exec`s PoT in-process after importing sympy, with a 10 s timeout, and
-compares floats with `==`; here separate processes, no sympy (SPEC 1.1), a 2 s default timeout (a
+Departures from [R]: [R] `exec`s PoT in-process after a prefix that imports sympy and math and
+defines `lcm` and `solve_it`, with a 10 s timeout, and compares floats with `==`; here separate
+processes, `math` and `lcm` predefined but no sympy (SPEC 1.1), a 2 s default timeout (a
 GSM8K program takes about 1 ms) and a relative tolerance of 1e-4 for a fractional gold answer
 (a whole one takes only rounding noise, 1e-6; `rel_tol=0` is [R]'s exact `==`, SPEC 3).
 """
@@ -383,7 +384,11 @@ def _worker_main(cfg: SandboxConfig) -> None:
         decimal.setcontext(decimal_context.copy())
         sys.setrecursionlimit(1000)
         out = _Capped(cfg.max_output)
-        namespace = {"__builtins__": fresh_builtins(), "__name__": "__main__"}
+        program_builtins = fresh_builtins()
+        # [R]'s fixed prefix (SPEC 1.1), less sympy: math imported, lcm defined
+        math_ = program_builtins["__import__"]("math") if cfg.restricted_builtins else math
+        namespace = dict(__builtins__=program_builtins, __name__="__main__", math=math_)
+        namespace["lcm"] = math_.lcm
         value = error = None
         sys.stdout = out
         try:

@@ -272,6 +272,14 @@ answer += Box(1).x + math.gcd(12, 18)
     assert value == pytest.approx(expected)
 
 
+def test_the_prefix_defines_math_and_lcm(box):
+    """[R]'s programs run after a prefix importing math and defining lcm (SPEC 1.1)."""
+    assert box.run("answer = math.ceil(7 / 2) + lcm(4, 6)") == (16.0, None)
+    # each program gets its own math: one that changes it changes nothing for the next
+    box.run_batch(["math.pi = 3\nanswer = 1"] * 2)
+    assert box.run_batch(["answer = math.pi"] * 2)[0].value == pytest.approx(3.14159265)
+
+
 def test_wrong_answer_is_a_value_not_an_error(box):
     value, error = box.run("answer = 48 / 2 + 47")
     assert error is None and not verify.is_correct(value, 72)
