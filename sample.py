@@ -252,6 +252,12 @@ def _sample_cdf(probs: Tensor, generator: torch.Generator) -> Tensor:
     """One draw per row of (B, K) unnormalised probabilities -> (B,) indices, by inverse CDF: one
     uniform per row (an exponential race or torch.multinomial costs ~20x more on CPU)."""
     cdf = probs.cumsum(-1)
+    # NaN or inf: searchsorted would return an arbitrary id, and top-p's rejection never ends
+    if not bool(torch.isfinite(cdf[:, -1]).all()):
+        raise ValueError(
+            "sampling met non-finite probabilities: NaN or inf logits, or a temperature too "
+            "small for their scale"
+        )
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
     # right=True: zero-probability entries are never picked
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
@@ -471,8 +477,8 @@ def generate(
     compile flag. Text ends at eos (tokenizer.stop_ids), before the first stop string, after
     max_new_tokens, or when the sequence fills the model's max_seq_len.
     """
+    stop = stop if isinstance(stop, str) else tuple(stop)  # a generator is read once, here
     _check_args(prompts, n, max_new_tokens, temperature, top_p, top_k, stop, batch_size)
-    stop = tuple(stop)
     max_seq_len = model.config.max_seq_len
     branches, groups = _tokenize(tokenizer, prompts, n, max_seq_len)
     device = next(model.parameters()).device

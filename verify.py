@@ -94,11 +94,11 @@ _NUMBER_RE = re.compile(
 # a marker ends in a colon or is followed by a number: "the final answer we need is..." is prose
 _NUMBER_NEXT = r"(?=\s*[-−$\d.])"
 _MARKERS = (
-    re.compile(rf"final answer\s*(?::|：|is\s*[:：]?{_NUMBER_NEXT})", re.I),
+    re.compile(rf"final answer\**\s*(?::|：|is\s*[:：]?{_NUMBER_NEXT})", re.I),  # ** : Markdown
     re.compile(r"####"),
     re.compile(rf"the answer is\s*(?:[:：]|{_NUMBER_NEXT})", re.I),
 )
-_FENCE_RE = re.compile(r"```(?:python|py)?[ \t]*(?:\n|\Z)(.*?)(?:```|\Z)", re.S | re.I)
+_FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*(?:\n|\Z)(.*?)(?:```|\Z)", re.S | re.I)
 
 
 def _numbers(text: str):

@@ -363,6 +363,21 @@ def test_sampler_draws_the_filtered_distribution(top_k, top_p):
         assert df == 0 or stat < _chi2_critical(df)
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (0, 0.95), (5, 0.95)])
+def test_non_finite_probabilities_are_an_error(top_k, top_p):
+    """NaN or inf logits (or a temperature that overflows them): a one-line error, not an
+    arbitrary token or an endless top-p rejection loop."""
+    g = torch.Generator().manual_seed(0)
+    finite = torch.randn(2, 50) * 5
+    for logits, T in [
+        (finite, 1e-38),
+        (finite.index_fill(1, torch.tensor([3]), math.nan), 0.7),
+        (finite.index_fill(1, torch.tensor([3]), math.inf), 0.7),
+    ]:
+        with pytest.raises(ValueError, match="non-finite probabilities"):
+            sample_next_token(logits, temperature=T, top_k=top_k, top_p=top_p, generator=g)
+
+
 def _chi2_critical(df: int, z: float = 3.09) -> float:
     """Wilson-Hilferty approximation of the chi-square quantile (z = 3.09: p = 0.001)."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
@@ -434,6 +449,15 @@ def test_stop_strings_cut_exactly(tiny, tok):
                     progress=False)[0]  # fmt: skip
     assert c.finish_reason == "stop"
     assert c.text == text[:cut]
+    (again,) = generate(
+        ours,
+        _StopAt(tok, []),
+        [PROMPTS[0]],
+        max_new_tokens=24,
+        stop=(s for s in [stop, "\x00zz"]),
+        progress=False,
+    )[0]
+    assert again == c  # stop strings from a generator: the same
     # generation ends with the token that completes the stop string's first occurrence
     assert c.token_ids == ids[: len(c.token_ids)]
     assert stop in tok.decode(c.token_ids) and stop not in tok.decode(c.token_ids[:-1])

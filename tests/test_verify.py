@@ -124,6 +124,8 @@ def shared_dir():
         ("Is the answer is right? 3 + 4 = 7", 7.0),
         ("Final Answer: x = $5.\nThen 7 = 7", 5.0),
         ("Final Answer: 6 = six", 6.0),  # no number after the = of its line
+        ("**Final Answer**: 7\n3 more", 7.0),  # Markdown bold around the marker
+        ("**Final Answer:** 7\n3 more", 7.0),
     ],
 )
 def test_extract_answer_number_forms(text, expected):
@@ -458,6 +460,8 @@ def test_strip_code_fence():
     assert verify.strip_code_fence(f"```python\n{program}```\nSo 3.") == program
     assert verify.strip_code_fence(f"Here it is:\n```\n{program}```") == program
     assert verify.strip_code_fence(f"Here it is:\n```py\n{program}") == program  # cut off
+    assert verify.strip_code_fence(f"```python3\n{program}```") == program
+    assert verify.strip_code_fence(f"``` python\n{program}```") == program
     # a lone closing fence after the program (an opening one would leave it nothing to run)
     assert verify.strip_code_fence(f"{program}```\nSo the answer is 3.") == program
     assert verify.strip_code_fence(f"{program}```") == program
