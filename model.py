@@ -76,8 +76,6 @@ class ModelConfig:
         def unsupported(what, expected):
             return ValueError(f"{source}: unsupported {what} (expected {expected})")
 
-        if not isinstance(d, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         family = d.get("model_type")
         if family not in FAMILIES:
             raise unsupported(f"model_type {family!r}", " or ".join(FAMILIES))
@@ -310,7 +308,7 @@ class Transformer(nn.Module):
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32) -> "Transformer":
         folder = resolve_checkpoint(name_or_path)
         path = folder / "config.json"
-        config = ModelConfig.from_hf_config(_read_json(path), str(path))
+        config = ModelConfig.from_hf_config(read_json(path), str(path))
         with torch.device("meta"):  # placeholders without memory, replaced by the weights below
             model = cls(config)
         state = load_weights(folder, model.state_dict(), device, dtype)
@@ -356,7 +354,7 @@ def weight_files(folder: Path) -> tuple[Path, list[Path]]:
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file() or not index.is_file():
         return single, [single]
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index}: no weight_map (expected a safetensors index)")
     names = sorted(set(weight_map.values()))
@@ -537,13 +535,11 @@ def download(repo: str, name: str, dest: Path, optional: bool = False) -> bool:
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def _read_json(path: Path) -> dict:
-    """A JSON object file's content ({} where there is none); a one-line error if damaged."""
-    if not path.is_file():
-        return {}
+def read_json(path: Path) -> dict:
+    """A JSON object file's content; a one-line ValueError naming the file if it is damaged."""
     try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # json's own message names no file
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
@@ -568,7 +564,8 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises a bare Exception
             raise ValueError(f"{self.folder}/tokenizer.json: not a valid tokenizer ({e})") from None
         names = ("tokenizer_config.json", "config.json", "generation_config.json")
-        tc, cfg, gen = (_read_json(self.folder / name) for name in names)
+        paths = [self.folder / name for name in names]
+        tc, cfg, gen = (read_json(p) if p.is_file() else {} for p in paths)
 
         def special_id(kind: str) -> int | None:  # tokenizer_config first, then the configs
             tok = tc.get(f"{kind}_token")

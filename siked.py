@@ -97,6 +97,7 @@ import strategies as S
 import verify
 from data import prepare, teacher
 from model import ModelConfig, Tokenizer, Transformer, resolve_checkpoint
+from model import read_json as model_read_json
 
 # ----------------------------------------------------------------------------------------- config
 
@@ -264,14 +265,11 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object from a file (a config, a DONE marker, eval.json); damaged: a one-line error."""
+    """model.read_json, its ValueError for a damaged file as the command line's one-line error."""
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # json's own message names no file
-        fail(f"{path}: not valid JSON ({e})")
-    if not isinstance(obj, dict):
-        fail(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
+        return model_read_json(path)
+    except ValueError as e:
+        fail(str(e))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -1279,8 +1277,8 @@ def resolve_lr(cfg: RunConfig) -> float:
     return 3e-4 if family == "qwen2" else 2e-4
 
 
-def check_config(cfg: RunConfig, world: int) -> None:
-    """Every bad setting as a one-line error naming it."""
+def check_config(cfg: RunConfig, world: int) -> Path:
+    """Every bad setting as a one-line error naming it; returns the run folder."""
     if not cfg.strategies:
         fail("--strategies: expected some of cot,l2m,pot")
     for s in cfg.strategies:
@@ -1318,6 +1316,7 @@ def check_config(cfg: RunConfig, world: int) -> None:
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     if not existing.is_dir():
         fail(f"--runs-dir {cfg.runs_dir}: {existing} is not a folder")
+    return run_dir
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -1337,16 +1336,14 @@ def default_run_name(cfg: RunConfig) -> str:
 def main(cfg: RunConfig) -> Path:
     """Run (or resume) SIKeD as configured; returns the run folder."""
     d, device = setup_distributed(cfg.device)
-    check_config(cfg, d.world)
+    run_dir = check_config(cfg, d.world)
     if cfg.dtype == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         cfg = dataclasses.replace(cfg, dtype="bfloat16" if bf16 else "float32")
-    run_name = cfg.run_name or default_run_name(cfg)
-    run_dir = Path(cfg.runs_dir) / run_name
     # everything is checked before config.json is saved: a rerun with the mistake fixed would
     # otherwise find "a run with other settings"
     try:
-        cfg = dataclasses.replace(cfg, lr=resolve_lr(cfg), run_name=run_name)
+        cfg = dataclasses.replace(cfg, lr=resolve_lr(cfg), run_name=run_dir.name)
         tok = Tokenizer.from_pretrained(cfg.model)
         gsm8k = prepare.load("gsm8k", "train", progress=d.main)
         old = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
