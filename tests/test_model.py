@@ -134,6 +134,24 @@ def test_kv_cache_decoding_equals_full_forward(name, tmp_path):
             torch.testing.assert_close(torch.cat(steps, dim=1), full)
 
 
+@pytest.mark.parametrize("amx_cpu", [False, True])
+def test_bf16_decoding_attention_paths(amx_cpu, tmp_path, monkeypatch):
+    """Both ways decoding calls SDPA with GQA (query heads grouped as a kv head's rows, or
+    enable_gqa: bf16 on an AMX CPU) give the fp32 full forward's logits to bf16 precision."""
+    make_hf("llama", tmp_path)
+    ours = M.Transformer.from_pretrained(tmp_path)
+    tokens = batch(96, 2, 8)
+    with torch.no_grad():
+        want = ours(tokens)
+        ours.to(torch.bfloat16)
+        monkeypatch.setattr(M, "AMX_CPU", amx_cpu)
+        cache = ours.setup_kv_cache(2, 16)
+        steps = [ours(tokens[:, :4], torch.arange(4), kv_cache=cache)]
+        for t in range(4, 8):
+            steps.append(ours(tokens[:, t : t + 1], torch.tensor([t]), kv_cache=cache))
+    assert rel_err(torch.cat(steps, dim=1), want) < 3e-2
+
+
 def test_ragged_batch_with_mask_and_positions(tmp_path):
     """Left-padded rows with a mask and per-row positions give each row's unpadded logits."""
     hf = make_hf("qwen2", tmp_path)
