@@ -254,10 +254,8 @@ def flag(field: str) -> str:
 
 def atomic_write(path: Path, text: str) -> None:
     """Write a file so that a reader sees the old version or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with prepare.atomic_open(path) as f:
+        f.write(text)
 
 
 def write_json(path: Path, obj) -> None:
@@ -570,10 +568,9 @@ def train(model: Transformer, examples: list[Example], cfg: RunConfig, device: t
         if ckpt_path is not None and done % cfg.ckpt_every == 0 and done < total_steps:
             trainable, optim = get_state_dict(model, opt, options=whole)  # all ranks
             if d.main:
-                tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp{os.getpid()}")
                 state = dict(step=done, first_loss=first_loss, trainable=trainable, optimizer=optim)
-                torch.save(state, tmp)
-                os.replace(tmp, ckpt_path)
+                with prepare.atomic_open(ckpt_path, "wb") as f:
+                    torch.save(state, f)
     bar.close()
     model.eval()
     wall = time.time() - t_start
@@ -1212,8 +1209,8 @@ def plan(R: Run) -> list[tuple[str, Path, list[Path], object, int]]:
 
 def scratch(folder: Path) -> list[Path]:
     """A finished stage's leftovers: training checkpoints, and files a kill left half-written
-    (atomic_write's, and the temporary folders of an interrupted save_pretrained)."""
-    files = [p for p in [*folder.glob("*.pt"), *folder.rglob(".*.tmp*")] if p.is_file()]
+    (prepare.atomic_open's, and the temporary folders of an interrupted save_pretrained)."""
+    files = [p for p in [*folder.glob("*.pt"), *folder.rglob("*.part")] if p.is_file()]
     return files + [p for p in folder.glob(".student.*") if p.is_dir()]
 
 

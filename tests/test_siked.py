@@ -655,6 +655,21 @@ def test_a_damaged_jsonl_names_its_file_and_line(tmp_path):
     assert siked.read_jsonl(path) == [{"id": 1}, {"id": 2}]
 
 
+def test_stage_files_are_synced_and_a_failed_write_leaves_the_old_one(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    siked.write_json(tmp_path / "DONE", {"wall_s": 1.0})
+    assert len(synced) == 1  # on disk before it replaces the old file: a power cut keeps one
+    with pytest.raises(UnicodeEncodeError):
+        siked.atomic_write(tmp_path / "DONE", "\ud800")  # fails halfway through the write
+    assert siked.read_json(tmp_path / "DONE") == {"wall_s": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["DONE"]
+    # what a kill leaves behind is a finished stage's scratch
+    (tmp_path / "samples.jsonl.k3x9.part").write_text('{"id": 1')
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    assert sorted(p.name for p in siked.scratch(tmp_path)) == ["ckpt.pt", "samples.jsonl.k3x9.part"]
+
+
 def test_torchrun_fsdp_saves_the_student_of_one_process(finished_run, smollm2_dir, tmp_path):
     """Two gloo processes with --fsdp: rank 0 gathers the shards and saves iteration 1's student,
     equal to the one-process run's (same global batches); the sharded eval covers every set."""
