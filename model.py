@@ -51,7 +51,8 @@ ALIASES: dict[str, str] = {
     **{f"gemma-{s}{it}": f"google/gemma-{s}{it}" for s in ("2b", "7b") for it in ("", "-it")},
 }
 FAMILIES = ("llama", "qwen2", "gemma")
-AMX_CPU = torch.cpu._is_amx_tile_supported()  # decides how decoding calls SDPA (Attention)
+# how decoding calls SDPA (Attention); a private torch helper, so its absence reads as no AMX
+AMX_CPU = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 @dataclass
