@@ -674,6 +674,7 @@ def greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Load a checkpoint and print a greedy continuation.")
+    p.error = lambda m: p.exit(2, f"{p.prog}: {m} (see --help)\n")  # one line, no usage block
     p.add_argument("--model", default="smollm2-135m-instruct", help="folder, alias or HF repo id")
     p.add_argument("--prompt", default="The capital of France is", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate")

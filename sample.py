@@ -662,6 +662,7 @@ def main(model: str, prompt: str, chat=False, dtype="float32", device="cpu", **k
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Sample completions from a model.")
+    parser.error = lambda m: parser.exit(2, f"{parser.prog}: {m} (see --help)\n")  # no usage block
     parser.add_argument("--model", required=True, help="folder, alias (model.ALIASES) or HF id")
     parser.add_argument("--prompt", required=True, help="prompt text")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")

@@ -1343,6 +1343,8 @@ def main(cfg: RunConfig) -> Path:
         cfg = dataclasses.replace(cfg, lr=resolve_lr(cfg), run_name=run_dir.name)
         tok = Tokenizer.from_pretrained(cfg.model)
         gsm8k = prepare.load("gsm8k", "train", progress=d.main)
+        for name in cfg.eval_sets:  # prepared now: a missing one would otherwise stop the eval
+            prepare.load(name, "test", progress=d.main)
         old = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
     except (OSError, ValueError, KeyError) as e:
         fail(f"{e}".splitlines()[0] if str(e) else f"--model {cfg.model}: {type(e).__name__}")
@@ -1395,6 +1397,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         description=__doc__.split("\n\n")[1].rstrip(":") + ".",
         argument_default=argparse.SUPPRESS,  # only the flags given: --quick fills in the rest
     )
+    p.error = lambda m: p.exit(2, f"{p.prog}: {m} (see --help)\n")  # one line, no usage block
     csv = lambda s: tuple(x for x in s.split(",") if x)
     for f in dataclasses.fields(RunConfig):
         if f.metadata.get("group"):

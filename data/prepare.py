@@ -402,6 +402,7 @@ def main(
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Prepare SIKeD's four datasets as JSONL splits.")
+    parser.error = lambda m: parser.exit(2, f"{parser.prog}: {m} (see --help)\n")  # no usage block
     parser.add_argument(
         "--from", dest="source",
         help="local folder laid out like ../shared/data (default: $SIKED_DATA, else download)",

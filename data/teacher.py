@@ -445,6 +445,7 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="SIKeD's teacher stage on GSM8K questions.")
+    parser.error = lambda m: parser.exit(2, f"{parser.prog}: {m} (see --help)\n")  # no usage block
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--gold", action="store_true", help="gold solutions from GSM8K rationales")
     which.add_argument("--teacher-url", help="OpenAI-compatible server, e.g. http://HOST:PORT/v1")

@@ -395,6 +395,39 @@ def test_a_damaged_run_config_names_its_file(text, message, smollm2_dir, tmp_pat
     assert str(e.value).startswith(f"siked: {config}: {message}") and "\n" not in str(e.value)
 
 
+def test_a_missing_eval_set_stops_the_run_before_it_starts(smollm2_dir, tmp_path, monkeypatch):
+    source = tmp_path / "source"  # a local copy of the data that lacks SVAMP
+    shutil.copytree(SHARED / "gsm8k", source / "gsm8k")
+    monkeypatch.setenv("SIKED_DATA", str(source))
+    monkeypatch.setattr(siked.prepare, "DATA_DIR", tmp_path / "data")
+    argv = ["--model", str(smollm2_dir), "--runs-dir", str(tmp_path / "runs")]
+    cfg = siked.parse_args([*argv, "--eval-sets", "gsm8k,svamp"])
+    with pytest.raises(SystemExit) as e:
+        siked.main(cfg)
+    message = str(e.value)
+    assert message.startswith("siked: ") and "svamp" in message and "\n" not in message
+    assert not list((tmp_path / "runs").glob("*/config.json"))  # nothing saved, nothing trained
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["siked.py", "--model", "m", "--mix", "some"], "argument --mix: invalid choice: 'some'"),
+        (["sample.py", "--model", "m"], "the following arguments are required: --prompt"),
+        (["sample.py", "--model", "m", "--prompt", "p", "--n", "x"], "invalid int value: 'x'"),
+        (["model.py", "--dtype", "float33"], "argument --dtype: invalid choice: 'float33'"),
+        (["data/prepare.py", "--only", "nope"], "argument --only: invalid choice: 'nope'"),
+        (["data/teacher.py", "--out", "o"], "one of the arguments --gold --teacher-url --local"),
+    ],
+)
+def test_a_bad_flag_is_a_one_line_error_in_every_cli(argv, message):
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env())  # fmt: skip
+    prog = Path(argv[0]).name
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"{prog}: ") and message in proc.stderr, proc.stderr
+
+
 def test_a_missing_model_is_a_one_line_error(tmp_path):
     cmd = [
         sys.executable,
