@@ -62,7 +62,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-PREFILL_TOKENS = 1024  # prompt tokens (rows x padded length) per prefill forward: bounds memory
+# prompt tokens (rows x padded length) per prefill forward: bounds its memory (512 against 1024:
+# fp32 peak 45 MiB lower at 16 prompts, prefill time within noise; README)
+PREFILL_TOKENS = 512
 
 
 @dataclass
