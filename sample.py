@@ -553,6 +553,7 @@ def generate(
                     pending_kv[b] = [(k.clone(), v.clone()) for k, v in kv]
                 else:  # all started: an older copy (its prompt prefilled again) is not needed
                     pending_kv.pop(b, None)
+            kv = None  # else its views keep this chunk's prefill caches alive through the next
         for b, idx in new.items():
             fill(b, idx, pending_kv[b])
             if queued[b] == 0:

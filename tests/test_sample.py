@@ -11,6 +11,7 @@ import math
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,23 @@ def test_packing_costs_only_the_tied_heads_copy(smollm2_dir):
     )  # fmt: skip
     grown, head = map(int, out.stdout.split())
     assert grown < head + 32 * 2**20, f"{grown / 2**20:.0f} MiB for a {head / 2**20:.0f} MiB head"
+
+
+def test_a_prefilled_chunk_is_freed_before_the_next_one_prefills(tiny, tok, monkeypatch):
+    """Nothing keeps a chunk's prefill caches (views of them) alive while the next one prefills."""
+    views, alive = [], []  # weak references to every (k, v) view prefill returned; alive per call
+    prefill = sample_module.prefill
+
+    def tracked(*args):
+        alive.append(sum(v() is not None for v in views))
+        out = prefill(*args)
+        views.extend(weakref.ref(t) for branch in out for kv in branch for t in kv)
+        return out
+
+    monkeypatch.setattr(sample_module, "prefill", tracked)
+    monkeypatch.setattr(sample_module, "PREFILL_TOKENS", 1)  # a chunk per prompt
+    generate(tiny[1], tok, PROMPTS, max_new_tokens=2, progress=False)
+    assert alive == [0] * len(PROMPTS)
 
 
 def test_packed_linear_with_bias_matches_f_linear():
