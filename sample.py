@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 # prompt tokens (rows x padded length) per prefill forward: bounds its memory (512 against 1024:
-# fp32 peak 45 MiB lower at 16 prompts, prefill time within noise; README)
+# fp32 peak 45 MiB lower at 16 prompts, prefill time within noise to ~8% slower; README)
 PREFILL_TOKENS = 512
 
 
