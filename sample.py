@@ -44,6 +44,7 @@ Design, and why:
    as one matmul: bf16 logits bit-identical, fp32 within rounding, 1.3-2x faster decode matmuls
    (README: where it gains and where not). Each dense weight is freed while its packed copy stands
    in and rebuilt exactly after, so packing costs one layer at a time plus a tied head's copy.
+   Except in fp32 on 1-2 rows, where MKL's dense matmuls are faster (PACK_MIN_FP32_ROWS).
    Prompts prefill in order of length, so a prefill chunk holds little padding.
 
 `Completion.logprob` sums log softmax of the raw fp32 logits over the generated tokens (eos and
@@ -65,6 +66,9 @@ from tqdm import tqdm
 # prompt tokens (rows x padded length) per prefill forward: bounds its memory (512 against 1024:
 # fp32 peak 45 MiB lower at 16 prompts, prefill time within noise to ~8% slower; README)
 PREFILL_TOKENS = 512
+# fp32 decoding of 1-2 rows is faster on MKL's dense matmuls, packing not paid (whole calls of 128
+# tokens on the Xeon: 1.17-1.41x at 1 row, 1.04-1.26x at 2, 0.86-1.05x at 4); bf16 packs always
+PACK_MIN_FP32_ROWS = 3
 
 
 @dataclass
@@ -145,13 +149,14 @@ def setup_caches(model, batch_size: int, max_len: int) -> list[RowKVCache]:
     ]
 
 
-def can_pack(model) -> bool:
-    """Whether pack_linears applies: a CPU model in fp32, or bf16 where oneDNN runs it natively."""
+def can_pack(model, rows: int) -> bool:
+    """Whether pack_linears applies and pays for `rows` decoded together: a CPU model in bf16
+    where oneDNN runs it natively, or in fp32 at PACK_MIN_FP32_ROWS rows or more."""
     w = model.model.embed_tokens.weight
     if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     bf16 = w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return bf16 or w.dtype == torch.float32
+    return bf16 or (w.dtype == torch.float32 and rows >= PACK_MIN_FP32_ROWS)
 
 
 class _PackedLinear(nn.Module):
@@ -576,7 +581,7 @@ def generate(
 
     width = 0  # rows [0, width) are decoded, the rest are idle
     bar = tqdm(total=len(queue), disable=not progress, unit="completion", desc="sampling")
-    with pack_linears(model) if not compile and can_pack(model) else nullcontext():
+    with pack_linears(model) if not compile and can_pack(model, B) else nullcontext():
         while True:
             free = [r for r, s in enumerate(slots) if s is None]
             if queue and free:

@@ -146,7 +146,7 @@ def test_packed_linears_match_and_put_the_model_back(tiny, dtype, monkeypatch):
     """oneDNN-prepacked weights give the same logits, the dense weights hold no memory meanwhile,
     and the model comes back bit for bit and trainable, also after an error inside."""
     model = copy.deepcopy(tiny[1]).to(dtype)
-    if not can_pack(model):
+    if not can_pack(model, rows=64):
         pytest.skip(f"oneDNN cannot run {dtype} on this CPU")
     tokens = torch.randint(0, 1000, (3, 7))
     modules, params = list(model.modules()), list(model.parameters())
@@ -177,7 +177,7 @@ def test_packed_linears_match_and_put_the_model_back(tiny, dtype, monkeypatch):
 
 def test_an_interrupt_while_packing_leaves_the_model_whole(tiny, monkeypatch):
     model = copy.deepcopy(tiny[1])
-    if not can_pack(model):
+    if not can_pack(model, rows=64):
         pytest.skip("oneDNN cannot run fp32 on this CPU")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     made = []
@@ -222,6 +222,24 @@ def test_packing_costs_only_the_tied_heads_copy(smollm2_dir):
     )  # fmt: skip
     grown, head = map(int, out.stdout.split())
     assert grown < head + 32 * 2**20, f"{grown / 2**20:.0f} MiB for a {head / 2**20:.0f} MiB head"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp32_packs_from_three_rows_bf16_always(tiny, tok, dtype, monkeypatch):
+    """Packing is skipped where MKL's dense matmuls are faster: fp32 decoding 1-2 rows."""
+    model = copy.deepcopy(tiny[1]).to(dtype)
+    if not can_pack(model, rows=64):
+        pytest.skip(f"oneDNN cannot run {dtype} on this CPU")
+    calls, pack = [], sample_module.pack_linears
+    monkeypatch.setattr(sample_module, "pack_linears", lambda m: calls.append(m) or pack(m))
+
+    def packs(**kw) -> bool:
+        calls.clear()
+        generate(model, tok, PROMPTS[:1], max_new_tokens=2, progress=False, **kw)
+        return calls == [model]
+
+    got = [packs(n=1), packs(n=2), packs(n=3), packs(n=8, batch_size=2), packs(n=8, batch_size=3)]
+    assert got == ([False, False, True, False, True] if dtype == torch.float32 else [True] * 5)
 
 
 def test_a_prefilled_chunk_is_freed_before_the_next_one_prefills(tiny, tok, monkeypatch):
