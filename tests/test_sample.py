@@ -267,10 +267,11 @@ def test_packed_linear_with_bias_matches_f_linear():
         torch.testing.assert_close(_PackedLinear(linear.weight, linear.bias)(x), linear(x))
 
 
-def test_logprob_is_the_raw_model_logprob(tiny, tok):
+@pytest.mark.parametrize("temperature", [0.0, 0.9])  # greedy computes it its own way
+def test_logprob_is_the_raw_model_logprob(tiny, tok, temperature):
     hf, ours = tiny
-    (c,) = generate(ours, tok, PROMPTS[:1], max_new_tokens=8, temperature=0.9, top_k=20, seed=3,
-                    progress=False)[0]  # fmt: skip
+    (c,) = generate(ours, tok, PROMPTS[:1], max_new_tokens=8, temperature=temperature, top_k=20,
+                    seed=3, progress=False)[0]  # fmt: skip
     ids = tok.encode(PROMPTS[0], bos=tok.add_bos)
     with torch.no_grad():
         logits = hf(torch.tensor([ids + c.token_ids])).logits[0, len(ids) - 1 : -1].float()
@@ -513,7 +514,9 @@ def test_stop_string_completed_by_a_partial_character_is_cut(tiny, tok, monkeypa
             return torch.tensor([next(draws)])
 
         monkeypatch.setattr(sample_module, "sample_next_token", scripted)
-        out = generate(ours, tok, [PROMPTS[0]], max_new_tokens=limit, stop=["Answer: "])
+        # temperature > 0: greedy decoding takes the argmax itself, not through sample_next_token
+        out = generate(ours, tok, [PROMPTS[0]], max_new_tokens=limit, stop=["Answer: "],
+                       temperature=1.0)  # fmt: skip
         assert (out[0][0].text, out[0][0].finish_reason) == ("", "stop")
 
 
