@@ -26,7 +26,10 @@ Design, and why:
    continuation once on top, and that cache is copied into each sample's row at admission: about
    one decode step of that row. Reading it in place needs a gather every step, or a two-part
    attention merged by log-sum-exp that SDPA behind the model's `update(input_pos, k, v)` cache
-   protocol cannot express; copying keeps the decode step a single SDPA call.
+   protocol cannot express; copying keeps the decode step a single SDPA call. Likewise the tokens
+   every prompt of a call starts with (a header: with SmolLM2's tokenizer, 24 tokens of its chat
+   template, 91 of strategies.py's student prompt) are prefilled once per call and copied into
+   each prompt's prefill, much as vLLM's automatic prefix caching shares them.
 4. The last prompt token is not prefilled but is its row's first decode input, so every decode
    step yields a token for every live row and a prompt's n samples draw their first token apart.
 5. RowKVCache, not model.KVCache: it returns only the first `kv_len` positions (the longest live
@@ -340,13 +343,27 @@ def _find_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int:
     return min(found, default=-1)
 
 
-def prefill(model, branches: list[_Branch]) -> list[list[tuple[Tensor, Tensor]]]:
+def prefill_header(model, ids: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """Prefill the tokens every prompt of a call starts with, once: per layer, (k, v) of shape
+    (n_kv_heads, len(ids), head_dim)."""
+    device = next(model.parameters()).device
+    caches = setup_caches(model, 1, len(ids))
+    causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=device).tril()
+    input_pos = torch.arange(len(ids), device=device)
+    model(torch.tensor([ids], device=device), input_pos, causal[None, None], caches, last_only=True)
+    return [(c.k[0], c.v[0]) for c in caches]
+
+
+def prefill(
+    model, branches: list[_Branch], header: list[tuple[Tensor, Tensor]] | None = None
+) -> list[list[tuple[Tensor, Tensor]]]:
     """Prefill each branch's tokens but the last; returns per branch, per layer, (k, v) views of
     shape (n_kv_heads, len(ids) - 1, head_dim). Branches come grouped by prompt.
 
-    Stage 1 prefills each prompt's shared tokens once (one row per prompt, right-padded: pads sit
-    after every real key, so a causal mask suffices); stage 2 copies that cache to its branches'
-    rows and prefills each branch's own tokens on top, at per-row positions with a mask.
+    Stage 1 copies the header's cache (prefill_header: the first C tokens of every prompt) into
+    one row per prompt and prefills the rest of each prompt's shared tokens on top (right-padded:
+    pads sit after every real key, so a causal mask suffices); stage 2 copies that cache to its
+    branches' rows and prefills each branch's own tokens on top, at per-row positions with a mask.
     """
     device = next(model.parameters()).device
     firsts, group = [], []  # each prompt's first branch; each branch's prompt row in stage 1
@@ -356,13 +373,18 @@ def prefill(model, branches: list[_Branch]) -> list[list[tuple[Tensor, Tensor]]]
         group.append(len(firsts) - 1)
     group = torch.tensor(group, device=device)
     T = max(b.shared for b in branches)
+    C = 0 if header is None else header[0][0].shape[1]
     shared = setup_caches(model, len(firsts), max(T, 1))
-    if T > 0:
-        tokens = _pad([branches[i].ids[: branches[i].shared] for i in firsts], T, device)
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if header is not None:
+        for c, (k, v) in zip(shared, header, strict=True):
+            c.k[:, :, :C] = k  # (n_kv_heads, C, head_dim) broadcast into each row
+            c.v[:, :, :C] = v
+    if T > C:
+        tokens = _pad([branches[i].ids[C : branches[i].shared] for i in firsts], T - C, device)
+        input_pos = torch.arange(C, T, device=device)
+        causal = torch.arange(T, device=device) <= input_pos[:, None]  # (T - C, T)
         _set_kv_len(shared, T)
-        input_pos = torch.arange(T, device=device)
-        model(tokens, input_pos, causal.view(1, 1, T, T), shared, last_only=True)
+        model(tokens, input_pos, causal.view(1, 1, T - C, T), shared, last_only=True)
 
     segments = [b.ids[b.shared : -1] for b in branches]
     Tc = max(len(s) for s in segments)
@@ -488,6 +510,7 @@ def generate(
     _check_args(prompts, n, max_new_tokens, temperature, top_p, top_k, stop, batch_size)
     max_seq_len = model.config.max_seq_len
     branches, groups = _tokenize(tokenizer, prompts, n, max_seq_len)
+    common = _common_prefix(branches)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     if seed is None:
@@ -550,15 +573,16 @@ def generate(
         # prompts of similar lengths prefill together: less padding
         todo = {branches[b].prompt for b in new if b not in pending_kv}
         todo = sorted(todo, key=lambda p: max(len(branches[i].ids) for i in groups[p]))
-        for chunk in _prefill_chunks([groups[p] for p in todo], branches):
-            for b, kv in zip(chunk, prefill(model, [branches[i] for i in chunk]), strict=True):
+        for chunk in _prefill_chunks([groups[p] for p in todo], branches, len(common)):
+            kvs = prefill(model, [branches[i] for i in chunk], header)
+            for b, kv in zip(chunk, kvs, strict=True):
                 if b in new:
                     fill(b, new.pop(b), kv)
                 if queued[b] > 0:  # keep a compact copy, not the prefill buffers
                     pending_kv[b] = [(k.clone(), v.clone()) for k, v in kv]
                 else:  # all started: an older copy (its prompt prefilled again) is not needed
                     pending_kv.pop(b, None)
-            kv = None  # else its views keep this chunk's prefill caches alive through the next
+            kv = kvs = None  # else their views keep this chunk's prefill caches alive
         for b, idx in new.items():
             fill(b, idx, pending_kv[b])
             if queued[b] == 0:
@@ -582,6 +606,7 @@ def generate(
     width = 0  # rows [0, width) are decoded, the rest are idle
     bar = tqdm(total=len(queue), disable=not progress, unit="completion", desc="sampling")
     with pack_linears(model) if not compile and can_pack(model, B) else nullcontext():
+        header = prefill_header(model, common) if common else None
         while True:
             free = [r for r, s in enumerate(slots) if s is None]
             if queue and free:
@@ -644,11 +669,20 @@ def generate(
     return results
 
 
-def _prefill_chunks(groups: list[list[int]], branches: list[_Branch]):
-    """Consecutive prompts' branches, about PREFILL_TOKENS (rows x longest prompt) at a time."""
+def _common_prefix(branches: list[_Branch]) -> list[int]:
+    """The tokens every prompt's shared part starts with (a chat or instruction header)."""
+    first, C = branches[0].ids, min(b.shared for b in branches)
+    for b in branches:
+        C = next((j for j in range(C) if b.ids[j] != first[j]), C)
+    return first[:C]
+
+
+def _prefill_chunks(groups: list[list[int]], branches: list[_Branch], header: int):
+    """Consecutive prompts' branches, about PREFILL_TOKENS (rows x longest prompt past the header
+    of `header` tokens) at a time."""
     chunk, longest = [], 0
     for g in groups:
-        longest_g = max(len(branches[i].ids) for i in g)
+        longest_g = max(len(branches[i].ids) for i in g) - header
         if chunk and (len(chunk) + len(g)) * max(longest, longest_g) > PREFILL_TOKENS:
             yield chunk
             chunk, longest = [], 0

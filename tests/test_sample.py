@@ -298,6 +298,24 @@ def test_greedy_batch_and_prefix_invariant(tiny, tok):
             assert c.logprob == pytest.approx(a.logprob, abs=1e-4)
 
 
+def test_a_header_every_prompt_starts_with_is_prefilled_once(tiny, tok, monkeypatch):
+    hf, ours = tiny
+    prompts = [f"Solve the problem below and end with the answer.\n\n{p}" for p in PROMPTS[:3]]
+    ids = [tok.encode(p, bos=tok.add_bos) for p in prompts]
+    C = next(j for j in range(len(ids[0])) if len({i[j] for i in ids}) > 1)  # tokens in common
+    assert C >= 10
+    calls = []  # (rows, tokens) of every forward over more than one token: the prefills
+    forward = ours.forward
+    monkeypatch.setattr(
+        ours, "forward", lambda x, *a, **k: calls.append(x.shape) or forward(x, *a, **k)
+    )
+    out = generate(ours, tok, prompts, max_new_tokens=8, progress=False)
+    # the header once, then each prompt's rest but its last token, right-padded, in one chunk
+    assert [tuple(c) for c in calls if c[1] > 1] == [(1, C), (3, max(map(len, ids)) - 1 - C)]
+    for i, (c,) in zip(ids, out, strict=True):
+        assert c.token_ids == _hf_greedy(hf, i, 8, sorted(tok.stop_ids))
+
+
 def test_plain_prompt_n_copies_share_one_prefill(tiny, tok):
     _, ours = tiny
     one = generate(ours, tok, PROMPTS[:2], max_new_tokens=6, progress=False)
