@@ -343,15 +343,27 @@ def _find_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int:
     return min(found, default=-1)
 
 
-def prefill_header(model, ids: list[int]) -> list[tuple[Tensor, Tensor]]:
-    """Prefill the tokens every prompt of a call starts with, once: per layer, (k, v) of shape
-    (n_kv_heads, len(ids), head_dim)."""
+def prefill_causal(
+    model, rows: list[list[int]], header: list[tuple[Tensor, Tensor]] | None = None
+) -> list[RowKVCache]:
+    """Prefill rows of tokens that each continue `header` (per layer, (k, v) of C cached tokens,
+    copied into every row), right-padded: pads sit after every real key, so a causal mask
+    suffices. Returns caches of C + the longest row's length (at least 1)."""
     device = next(model.parameters()).device
-    caches = setup_caches(model, 1, len(ids))
-    causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=device).tril()
-    input_pos = torch.arange(len(ids), device=device)
-    model(torch.tensor([ids], device=device), input_pos, causal[None, None], caches, last_only=True)
-    return [(c.k[0], c.v[0]) for c in caches]
+    C = 0 if header is None else header[0][0].shape[1]
+    T = C + max(len(r) for r in rows)
+    caches = setup_caches(model, len(rows), max(T, 1))
+    if header is not None:
+        for c, (k, v) in zip(caches, header, strict=True):
+            c.k[:, :, :C] = k  # (n_kv_heads, C, head_dim) broadcast into each row
+            c.v[:, :, :C] = v
+    if T > C:
+        input_pos = torch.arange(C, T, device=device)
+        causal = torch.arange(T, device=device) <= input_pos[:, None]  # (T - C, T)
+        _set_kv_len(caches, T)
+        model(_pad(rows, T - C, device), input_pos, causal.view(1, 1, T - C, T), caches,
+              last_only=True)  # fmt: skip
+    return caches
 
 
 def prefill(
@@ -360,10 +372,10 @@ def prefill(
     """Prefill each branch's tokens but the last; returns per branch, per layer, (k, v) views of
     shape (n_kv_heads, len(ids) - 1, head_dim). Branches come grouped by prompt.
 
-    Stage 1 copies the header's cache (prefill_header: the first C tokens of every prompt) into
-    one row per prompt and prefills the rest of each prompt's shared tokens on top (right-padded:
-    pads sit after every real key, so a causal mask suffices); stage 2 copies that cache to its
-    branches' rows and prefills each branch's own tokens on top, at per-row positions with a mask.
+    Stage 1 prefills the rest of each prompt's shared tokens on top of the header (the first C
+    tokens of every prompt, prefilled once per call), one row per prompt (prefill_causal); stage 2
+    copies that cache to its branches' rows and prefills each branch's own tokens on top, at
+    per-row positions with a mask.
     """
     device = next(model.parameters()).device
     firsts, group = [], []  # each prompt's first branch; each branch's prompt row in stage 1
@@ -374,17 +386,9 @@ def prefill(
     group = torch.tensor(group, device=device)
     T = max(b.shared for b in branches)
     C = 0 if header is None else header[0][0].shape[1]
-    shared = setup_caches(model, len(firsts), max(T, 1))
-    if header is not None:
-        for c, (k, v) in zip(shared, header, strict=True):
-            c.k[:, :, :C] = k  # (n_kv_heads, C, head_dim) broadcast into each row
-            c.v[:, :, :C] = v
-    if T > C:
-        tokens = _pad([branches[i].ids[C : branches[i].shared] for i in firsts], T - C, device)
-        input_pos = torch.arange(C, T, device=device)
-        causal = torch.arange(T, device=device) <= input_pos[:, None]  # (T - C, T)
-        _set_kv_len(shared, T)
-        model(tokens, input_pos, causal.view(1, 1, T - C, T), shared, last_only=True)
+    shared = prefill_causal(
+        model, [branches[i].ids[C : branches[i].shared] for i in firsts], header
+    )
 
     segments = [b.ids[b.shared : -1] for b in branches]
     Tc = max(len(s) for s in segments)
@@ -471,9 +475,7 @@ def _tokenize(tokenizer, prompts, n: int, max_seq_len: int):
                     f"max_seq_len={max_seq_len}"
                 )
         # the longest common token prefix, leaving every branch at least its last token to decode
-        shared = min(len(ids) - 1 for ids in encoded)
-        for ids in encoded[1:]:
-            shared = next((j for j in range(shared) if ids[j] != encoded[0][j]), shared)
+        shared = _common_len(encoded, min(len(ids) - 1 for ids in encoded))
         groups.append(list(range(len(branches), len(branches) + len(encoded))))
         out = 0
         for (cont, k), ids in zip(pairs, encoded, strict=True):
@@ -510,7 +512,9 @@ def generate(
     _check_args(prompts, n, max_new_tokens, temperature, top_p, top_k, stop, batch_size)
     max_seq_len = model.config.max_seq_len
     branches, groups = _tokenize(tokenizer, prompts, n, max_seq_len)
-    common = _common_prefix(branches)
+    # a header every prompt starts with (chat template, instruction): prefilled once per call
+    C = _common_len([b.ids for b in branches], min(b.shared for b in branches))
+    common = branches[0].ids[:C]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     if seed is None:
@@ -606,7 +610,7 @@ def generate(
     width = 0  # rows [0, width) are decoded, the rest are idle
     bar = tqdm(total=len(queue), disable=not progress, unit="completion", desc="sampling")
     with pack_linears(model) if not compile and can_pack(model, B) else nullcontext():
-        header = prefill_header(model, common) if common else None
+        header = [(c.k[0], c.v[0]) for c in prefill_causal(model, [common])] if common else None
         while True:
             free = [r for r, s in enumerate(slots) if s is None]
             if queue and free:
@@ -669,20 +673,19 @@ def generate(
     return results
 
 
-def _common_prefix(branches: list[_Branch]) -> list[int]:
-    """The tokens every prompt's shared part starts with (a chat or instruction header)."""
-    first, C = branches[0].ids, min(b.shared for b in branches)
-    for b in branches:
-        C = next((j for j in range(C) if b.ids[j] != first[j]), C)
-    return first[:C]
+def _common_len(seqs: list[list[int]], limit: int) -> int:
+    """How many leading tokens (at most limit) all sequences share."""
+    for seq in seqs[1:]:
+        limit = next((j for j in range(limit) if seq[j] != seqs[0][j]), limit)
+    return limit
 
 
-def _prefill_chunks(groups: list[list[int]], branches: list[_Branch], header: int):
-    """Consecutive prompts' branches, about PREFILL_TOKENS (rows x longest prompt past the header
-    of `header` tokens) at a time."""
+def _prefill_chunks(groups: list[list[int]], branches: list[_Branch], header_len: int):
+    """Consecutive prompts' branches, about PREFILL_TOKENS (rows x longest prompt past the
+    header) at a time."""
     chunk, longest = [], 0
     for g in groups:
-        longest_g = max(len(branches[i].ids) for i in g) - header
+        longest_g = max(len(branches[i].ids) for i in g) - header_len
         if chunk and (len(chunk) + len(g)) * max(longest, longest_g) > PREFILL_TOKENS:
             yield chunk
             chunk, longest = [], 0
